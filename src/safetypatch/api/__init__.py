@@ -1,0 +1,28 @@
+"""The public Python API: one module per verb. The CLI is a thin layer over these functions."""
+
+from __future__ import annotations
+
+from safetypatch.api.demo import DemoConfig, DemoResult, demo
+from safetypatch.api.evaluate import EvalConfig, EvalResult, evaluate
+from safetypatch.api.train import TrainConfig, TrainPatchResult, train_patch
+from safetypatch.data.catalog import list_datasets, load_dataset
+from safetypatch.models.loading import load_model
+from safetypatch.models.resolve import CatalogEntry, list_catalog
+
+__all__ = [
+    "DemoConfig", "DemoResult", "EvalConfig", "EvalResult", "TrainConfig", "TrainPatchResult", "demo", "evaluate",
+    "list_datasets", "list_models", "list_tasks", "load_dataset", "load_model", "train_patch",
+]
+
+
+def list_models() -> list[CatalogEntry]:
+    """The embedded model catalog, with what is already converted in the cache."""
+    return list_catalog()
+
+
+def list_tasks() -> list[dict[str, str]]:
+    """Registered evaluation tasks with their kind, dataset and description."""
+    from safetypatch.eval.task import TASKS
+
+    return [{"name": n, "kind": TASKS.get(n).kind, "dataset": TASKS.get(n).dataset,
+             "description": TASKS.get(n).description} for n in TASKS]

@@ -1,0 +1,122 @@
+"""``safetypatch eval``: safety, over-refusal and capability tasks into lm-eval-shaped results."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from safetypatch.api._progress import Progress
+from safetypatch.config import StrictConfig
+from safetypatch.models.catalog import DEFAULT_MODEL
+from safetypatch.models.loading import LoadedModel, load_model
+from safetypatch.utils.hashing import sha256_file
+
+
+class EvalConfig(StrictConfig):
+    """Options of ``safetypatch eval``: a preset supplies tasks, limits, length and judges; fields given here win."""
+
+    model: str = Field(DEFAULT_MODEL, description="Model: catalog name, local folder, .gguf or Hub id.")
+    revision: str | None = Field(None, description="Hub revision (Hub ids only).")
+    adapter: Path | None = Field(None, description="A safety patch (PEFT adapter folder) to evaluate on the model.")
+    merge_adapter: bool = Field(False, description="Merge the adapter into the weights instead of attaching it.")
+    reference_model: str | None = Field(
+        None, description="Reference model of the drift task (same tokenizer); the base model when an adapter is set."
+    )
+    preset: str = Field("quick", description="Budget preset: quick (CPU minutes) or full.")
+    tasks: list[str] | None = Field(None, description="Tasks to run instead of the preset's.")
+    limit: int | None = Field(None, gt=0, description="Most rows per task (seeded sample), for every task.")
+    limits: dict[str, int] = Field(default_factory=dict, description="Most rows per named task; wins over limit.")
+    max_new_tokens: int | None = Field(None, gt=0, description="Generation length of safety tasks.")
+    batch_size: int = Field(8, gt=0, description="Prompts per generation batch and items per MC forward.")
+    judges: list[str] | None = Field(None, description="Judges of safety tasks (first = headline).")
+    system_prompt: str | None = Field(None, description="System turn sent with every prompt (recorded).")
+    dtype: str = Field("auto", description="Weights dtype: auto, float32, bfloat16 or float16.")
+    backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend; vllm is parity-gated against hf.")
+    seed: int = Field(0, description="Seed of row sampling, templates and generation.")
+    output_dir: Path = Field(Path("runs/eval"), description="Results go to <output_dir>/<model>/results_<ts>.json.")
+    overwrite: bool = Field(False, description="Replace an existing results file of the same timestamp.")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Where the results went, and the headline numbers: task → metric key → value."""
+
+    path: Path
+    headline: dict[str, dict[str, float]]
+    seconds: float
+
+
+def evaluate(config: EvalConfig | None = None, progress: Progress | None = None) -> EvalResult:
+    """Evaluate a model on safety, over-refusal and capability tasks and write lm-eval-shaped results.
+
+    Args:
+        config: what to evaluate and how (defaults: the embedded model, preset ``quick``).
+        progress: optional callback ``(task, done, total)``.
+
+    Returns:
+        The results path and headline metrics.
+
+    Raises:
+        ConfigError: unknown preset, task or judge. ModelError: the model cannot be loaded.
+    """
+    from safetypatch.eval.evaluator import EvalPlan, ModelUnderTest, run_tasks
+    from safetypatch.eval.generate import GenerationProtocol
+    from safetypatch.eval.judges import build_judge
+    from safetypatch.eval.results import ResultsBuilder, read_results
+    from safetypatch.eval.task import load_preset
+
+    cfg = config or EvalConfig()
+    preset = load_preset(cfg.preset)
+    start = time.perf_counter()
+    loaded = load_model(cfg.model, revision=cfg.revision, dtype=cfg.dtype)
+    model, adapter = _with_adapter(loaded, cfg)
+    reference_ref = cfg.reference_model or (cfg.model if cfg.adapter else None)
+    reference = load_model(reference_ref, dtype=loaded.dtype).model if reference_ref else None
+    tasks = tuple(cfg.tasks or preset.tasks)
+    limits = {t: cfg.limit for t in tasks} if cfg.limit else {t: n for t, n in preset.limits.items() if t in tasks}
+    protocol = GenerationProtocol(max_new_tokens=cfg.max_new_tokens or preset.max_new_tokens,
+                                  batch_size=cfg.batch_size, system_prompt=cfg.system_prompt, seed=cfg.seed,
+                                  dtype=loaded.dtype)
+    plan = EvalPlan(tasks, {**limits, **cfg.limits}, protocol,
+                    tuple(build_judge(name) for name in (cfg.judges or preset.judges)), cfg.seed, cfg.batch_size)
+    builder = ResultsBuilder(cfg.model, revision=loaded.resolved.revision, fingerprint=loaded.fingerprint.sha256,
+                             seed=cfg.seed, generation_kwargs=protocol.to_dict(), adapter=adapter,
+                             device=loaded.device)
+    builder.config["preset"] = cfg.preset
+    builder.config["eval_config"] = cfg.model_dump(mode="json")
+    engine = None
+    if cfg.backend == "vllm":
+        from safetypatch.eval.backends.vllm import load_vllm
+
+        engine = load_vllm(loaded.resolved.path, protocol)
+    run_tasks(ModelUnderTest(model, loaded.tokenizer, reference, engine), plan, builder, progress)
+    path = builder.write(cfg.output_dir, overwrite=cfg.overwrite)
+    data = read_results(path).data
+    headline = {
+        task: {key: value for key, value in entry.items() if key.split(",")[0] in data["higher_is_better"][task]}
+        for task, entry in data["results"].items()
+    }
+    return EvalResult(path, headline, time.perf_counter() - start)
+
+
+def _with_adapter(loaded: LoadedModel, cfg: EvalConfig) -> tuple[Any, dict | None]:
+    """Attach (or merge) ``cfg.adapter`` with the fingerprint and no-effect checks; returns the model to evaluate
+    and the adapter block of the results config."""
+    if cfg.adapter is None:
+        return loaded.model, None
+    from safetypatch.patch import attach_patch, load_patch, merge_patch
+
+    patch = load_patch(cfg.adapter)
+    fingerprint = loaded.fingerprint.sha256
+    applied = (merge_patch(loaded.model, patch, fingerprint=fingerprint) if cfg.merge_adapter
+               else attach_patch(loaded.model, patch, fingerprint=fingerprint))
+    manifest = Path(cfg.adapter) / "safety_patch.json"
+    return applied.model, {
+        "path": str(cfg.adapter), "mode": applied.mode, "applied_to": applied.applied_to,
+        "max_logit_change": applied.max_logit_change, "rank": patch.rank,
+        "manifest_sha256": sha256_file(manifest) if manifest.is_file() else None,
+    }
