@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import Field
 
+from safetypatch.api._progress import Progress
 from safetypatch.config import StrictConfig
 from safetypatch.data.catalog import load_dataset
 from safetypatch.models.catalog import DEFAULT_MODEL
@@ -45,12 +46,18 @@ class TrainPatchResult:
     seconds: float
 
 
-def train_patch(config: TrainConfig | None = None) -> TrainPatchResult:
+def train_patch(config: TrainConfig | None = None, progress: Progress | None = None) -> TrainPatchResult:
     """Train a safety patch by Refusal-SFT on the train halves of the harmful sets, with benign retain prompts
     answered by the model itself, save it as a verified PEFT folder with its manifest (Mou et al.; METHODS.md §3.1).
 
+    ``progress`` is called as ``("retain answers", done, total)`` while the model answers the retain prompts and
+    ``("train", step, max_steps)`` after every optimiser step.
+
+    Training rows that duplicate a prompt of any safety task's evaluation split (sets overlap: e.g. StrongREJECT
+    and HarmBench share behaviours) are dropped and counted in the manifest.
+
     Raises:
-        ConfigError: unknown recipe or dataset. DataError: training prompts overlap an evaluation split.
+        ConfigError: unknown recipe or dataset.
         OutputExistsError: the output folder exists and ``overwrite`` is false.
     """
     from safetypatch.data import canonical_split, check_no_overlap, count_ngram_overlap
@@ -71,26 +78,61 @@ def train_patch(config: TrainConfig | None = None) -> TrainPatchResult:
     recipe = get_recipe(cfg.recipe, **cfg.recipe_overrides)
     loaded = load_model(cfg.model, revision=cfg.revision, dtype=cfg.dtype)
     splits = {name: canonical_split(load_dataset(name)) for name in [*cfg.harmful, *cfg.retain]}
-    harmful = [row for name in cfg.harmful for row in splits[name].train.rows[: cfg.n_harmful]]
-    benign = [row.prompt for name in cfg.retain for row in splits[name].train.rows][: recipe.retain_count]
+    held_out = _safety_eval_prompts(splits)
+    unseen = _Unseen(held_out)
+    harmful = [row for name in cfg.harmful for row in unseen.rows(splits[name].train.rows)[: cfg.n_harmful]]
+    benign = [row.prompt for name in cfg.retain for row in unseen.rows(splits[name].train.rows)][: recipe.retain_count]
     train_prompts = [row.prompt for row in harmful] + benign
-    held_out = [row.prompt for split in splits.values() for row in split.eval.rows]
     check_no_overlap(train_prompts, held_out, what="patch training prompts vs evaluation splits")
     protocol = GenerationProtocol(max_new_tokens=cfg.retain_max_new_tokens, dtype=loaded.dtype, seed=recipe.seed)
-    answers = generate_chat(loaded.model, loaded.tokenizer, benign, protocol) if benign else []
+    answers = generate_chat(
+        loaded.model, loaded.tokenizer, benign, protocol,
+        progress=(lambda done, total: progress("retain answers", done, total)) if progress else None,
+    ) if benign else []
     examples = build_refusal_examples(harmful, seed=recipe.refusal_seed) + build_retain_examples(
         [a.prompt for a in answers], [a.response for a in answers], weight=recipe.retain_weight)
     tokenized = tokenize_examples(loaded.tokenizer, examples, max_length=recipe.max_length, think=recipe.think)
     with tempfile.TemporaryDirectory(prefix="safetypatch-train-") as scratch:
-        result = train_refusal_patch(loaded.model, loaded.tokenizer, tokenized, recipe, Path(scratch))
+        result = train_refusal_patch(
+            loaded.model, loaded.tokenizer, tokenized, recipe, Path(scratch),
+            progress=(lambda p: progress("train", p.step, p.max_steps)) if progress else None,
+        )
     manifest = PatchManifest(
         method="refusal_sft", recipe=recipe.model_dump(mode="json"), base_model=loaded.provenance(),
         data=[{"name": n, "source": s.train.source, "sha256": s.train_sha256, "rows": len(s.train)}
               for n, s in splits.items()],
         template_sha256=chat_template_sha256(loaded.tokenizer), seed=recipe.seed,
-        contamination={"ngram13_eval_prompts": count_ngram_overlap(train_prompts, held_out)},
+        contamination={"ngram13_eval_prompts": count_ngram_overlap(train_prompts, held_out),
+                       "dropped_eval_duplicates": unseen.dropped},
         training=result.to_dict(), extra={"retain_protocol": protocol.to_dict(), "train_config": cfg.model_dump(
             mode="json")},
     )
     save_patch(result.model, cfg.output, manifest, overwrite=cfg.overwrite)
     return TrainPatchResult(cfg.output, result.to_dict(), len(harmful), len(answers), time.perf_counter() - start)
+
+
+def _safety_eval_prompts(splits: dict[str, Any]) -> list[str]:
+    """The evaluation-split prompts of every safety task's dataset (refusal, over-refusal, jailbreak) and of the
+    training sets themselves: what no training prompt may equal."""
+    from safetypatch.data import canonical_split
+    from safetypatch.eval.task import TASKS
+
+    names = {TASKS.get(t).dataset for t in TASKS if TASKS.get(t).kind in ("refusal", "over_refusal", "jailbreak")}
+    held = {name: splits[name] if name in splits else canonical_split(load_dataset(name)) for name in names}
+    return [row.prompt for split in [*held.values(), *splits.values()] for row in split.eval.rows]
+
+
+class _Unseen:
+    """Filters training rows whose normalised prompt occurs in the held-out prompts, counting what it drops."""
+
+    def __init__(self, held_out: list[str]) -> None:
+        from safetypatch.data import normalize_prompt
+
+        self._normalize = normalize_prompt
+        self._held = {normalize_prompt(p) for p in held_out}
+        self.dropped = 0
+
+    def rows(self, rows: Any) -> list[Any]:
+        kept = [row for row in rows if self._normalize(row.prompt) not in self._held]
+        self.dropped += len(rows) - len(kept)
+        return kept
