@@ -8,10 +8,11 @@ import json
 import sys
 import types
 from dataclasses import dataclass, replace
+from fractions import Fraction
 
 import pytest
 
-from safetypatch.data import catalog, list_datasets, load_dataset, xstest
+from safetypatch.data import catalog, list_datasets, load_dataset, mappers, xstest
 from safetypatch.data.schema import Example
 from safetypatch.data.sets import DATASETS, SENBONZAKURA_WHEEL
 from safetypatch.data.spec import DatasetSpec, HubRef
@@ -36,6 +37,7 @@ PINNED = {
     "mmlu": 14042,
     "gsm8k": 1319,
     "chat": 166,
+    "arith": 998,
 }
 MULTIPLE_CHOICE = {"arc-easy", "arc-challenge", "hellaswag", "piqa", "mmlu"}
 
@@ -120,6 +122,32 @@ def test_capability_set_details(loaded):
         "code-assistant": 59, "customer-support": 58, "medical-qa-tr": 49
     }
     assert all(r.response and r.meta["system"] for r in chat)
+
+
+def test_arith_answers_are_exact_values_rounded_to_two_decimals(loaded):
+    rows = loaded["arith"].rows
+    first, division, tie, negative_tie, tiny = rows[0], rows[3], rows[159], rows[325], rows[26]
+    assert first.prompt == "What is (57+63-22*11)? Give the answer rounded to two decimal places."
+    assert (first.answer, first.response) == ("-122", "(57+63-22*11) = -122\n#### -122")
+    # 53 - (16/69)(46/99) = 15709/297 = 52.8922...
+    assert (division.answer, division.meta["exact"]) == ("52.89", "15709/297")
+    assert division.response == "53-16/69*46/99 ≈ 52.89\n#### 52.89"
+    assert (tie.meta["expression"], tie.answer) == ("24/64*89", "33.38")  # 267/8 = 33.375: half away from zero
+    assert (negative_tie.meta["exact"], negative_tie.answer) == ("-40285/8", "-5035.63")
+    assert (tiny.meta["exact"], tiny.answer) == ("1/9360", "0")
+    assert len({r.prompt for r in rows}) == len(rows)
+    for row in rows:
+        assert row.response.endswith(f"#### {row.answer}") and row.answer != "-0"
+        assert abs(Fraction(row.answer) - Fraction(row.meta["exact"])) <= Fraction(1, 200)
+        decimals = row.answer.partition(".")[2]
+        assert len(decimals) <= 2 and not decimals.endswith("0")
+
+
+def test_arith_mapper_refuses_what_it_cannot_evaluate():
+    for text, message in [("What is 2**3?", "not integer arithmetic"), ("What is 1/(2-2)?", "division by zero"),
+                          ("What is 7 cubed?", "not a 'What is <arithmetic>")]:
+        with pytest.raises(ValueError, match=message):
+            mappers.arith({"text": text})
 
 
 def test_limit_keeps_the_first_rows(loaded):

