@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from safetypatch.api._progress import Progress
+from safetypatch.api.apply import PathList, apply_patch_folders
 from safetypatch.config import StrictConfig
+from safetypatch.errors import ConfigError
 from safetypatch.models.catalog import DEFAULT_MODEL
 from safetypatch.models.loading import LoadedModel, load_model
-from safetypatch.utils.hashing import sha256_file
 
 
 class EvalConfig(StrictConfig):
@@ -21,8 +22,10 @@ class EvalConfig(StrictConfig):
 
     model: str = Field(DEFAULT_MODEL, description="Model: catalog name, local folder, .gguf or Hub id.")
     revision: str | None = Field(None, description="Hub revision (Hub ids only).")
-    adapter: Path | None = Field(None, description="A safety patch (PEFT adapter folder) to evaluate on the model.")
+    adapter: PathList | None = Field(
+        None, description="Safety patch folder(s) to evaluate on the model; several are combined exactly in ΔW first.")
     merge_adapter: bool = Field(False, description="Merge the adapter into the weights instead of attaching it.")
+    merge_scale: float = Field(1.0, description="Merge scale γ of the adapter (with merge_adapter only).")
     reference_model: str | None = Field(
         None, description="Reference model of the drift task (same tokenizer); the base model when an adapter is set."
     )
@@ -39,6 +42,13 @@ class EvalConfig(StrictConfig):
     seed: int = Field(0, description="Seed of row sampling, templates and generation.")
     output_dir: Path = Field(Path("runs/eval"), description="Results go to <output_dir>/<model>/results_<ts>.json.")
     overwrite: bool = Field(False, description="Replace an existing results file of the same timestamp.")
+
+    @model_validator(mode="after")
+    def _merge_scale_needs_merge(self) -> EvalConfig:
+        if self.merge_scale != 1.0 and not self.merge_adapter:
+            raise ConfigError(f"EvalConfig: merge_scale={self.merge_scale} acts on merged weights, but merge_adapter "
+                              "is false. Set merge_adapter: true (CLI: --merge-adapter) or drop merge_scale.")
+        return self
 
 
 @dataclass(frozen=True)
@@ -104,19 +114,10 @@ def evaluate(config: EvalConfig | None = None, progress: Progress | None = None)
 
 
 def _with_adapter(loaded: LoadedModel, cfg: EvalConfig) -> tuple[Any, dict | None]:
-    """Attach (or merge) ``cfg.adapter`` with the fingerprint and no-effect checks; returns the model to evaluate
-    and the adapter block of the results config."""
+    """Attach (or merge) ``cfg.adapter`` through the code path of ``safetypatch apply``; returns the model to
+    evaluate and the adapter block of the results config."""
     if cfg.adapter is None:
         return loaded.model, None
-    from safetypatch.patch import attach_patch, load_patch, merge_patch
-
-    patch = load_patch(cfg.adapter)
-    fingerprint = loaded.fingerprint.sha256
-    applied = (merge_patch(loaded.model, patch, fingerprint=fingerprint) if cfg.merge_adapter
-               else attach_patch(loaded.model, patch, fingerprint=fingerprint))
-    manifest = Path(cfg.adapter) / "safety_patch.json"
-    return applied.model, {
-        "path": str(cfg.adapter), "mode": applied.mode, "applied_to": applied.applied_to,
-        "max_logit_change": applied.max_logit_change, "rank": patch.rank,
-        "manifest_sha256": sha256_file(manifest) if manifest.is_file() else None,
-    }
+    applied = apply_patch_folders(loaded.model, cfg.adapter, mode="merge" if cfg.merge_adapter else "attach",
+                                  scale=cfg.merge_scale, fingerprint=loaded.fingerprint.sha256)
+    return applied.result.model, applied.summary()
