@@ -11,8 +11,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "demo", "DemoConfig", "evaluate", "EvalConfig", "list_models", "list_datasets", "list_tasks", "load_dataset",
-    "load_model", "train_patch", "TrainConfig",
+    "apply_patch", "ApplyConfig", "demo", "DemoConfig", "evaluate", "EvalConfig", "finetune", "FinetuneConfig",
+    "list_models", "list_datasets", "list_tasks", "load_dataset", "load_model", "train_patch", "TrainConfig",
 }
 
 

@@ -12,7 +12,14 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from safetypatch.errors import SafetypatchError
@@ -56,7 +63,8 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log pro
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=console,
         disable=not console.is_terminal,
     )
 
@@ -110,30 +118,50 @@ def env() -> None:
 @_friendly
 def demo(
     config: ConfigOpt = None,
-    model: Annotated[str | None, typer.Option(help="Model: catalog name, folder, .gguf or Hub id.")] = None,
-    n_harmful: Annotated[int | None, typer.Option(help="Harmful prompts shown.")] = None,
-    n_benign: Annotated[int | None, typer.Option(help="Benign prompts shown.")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Greedy tokens per answer.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the prompt sample.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model to patch: catalog name, folder, .gguf or Hub id.")] = None,
+    recipe: Annotated[str | None, typer.Option(help="Patch recipe: mou, xue, or a Xue mode string.")] = None,
+    set_: Annotated[str | None, typer.Option("--set", help="Recipe fields, e.g. learning_rate=1e-4,r=4.")] = None,
+    n_harmful: Annotated[int | None, typer.Option(help="Most harmful training prompts per set.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Evaluation budget before and after: demo, quick, full.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Most rows per evaluation task.")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Run folder: before/, patch/, after/, report.html.")] = None,
+    n_show: Annotated[int | None, typer.Option(help="Answers shown before/after per task.")] = None,
+    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Redo every step instead of resuming.")] = None,
 ) -> None:
-    """Run the main job on the embedded default model."""
+    """The main job: evaluate the model, train a LoRA safety patch, apply it, evaluate again, write a report."""
     from safetypatch import api
+    from safetypatch.api.demo import STEP_MINUTES, STEPS
     from safetypatch.config import load_config
 
-    cfg = load_config(api.DemoConfig, config, dict(model=model, n_harmful=n_harmful, n_benign=n_benign,
-                                                   max_new_tokens=max_new_tokens, seed=seed))
-    console.print(f"[bold]safetypatch demo[/] on {cfg.model}: loading (the first run converts the model, ~1 min)")
+    cfg = load_config(api.DemoConfig, config, dict(
+        model=model, recipe=recipe, recipe_overrides=_pairs(set_), n_harmful=n_harmful, preset=preset, limit=limit,
+        output_dir=output_dir, n_show=n_show, overwrite=overwrite))
+    plan = ", ".join(f"{name} (~{STEP_MINUTES[name]} min)" for name in STEPS)
+    console.print(f"[bold]safetypatch demo[/] on {cfg.model} -> {cfg.output_dir}\n{len(STEPS)} steps, timed on 2 "
+                  f"CPU cores (a first run also converts the model, ~1 min): {plan}")
     with _progress() as bar:
-        task = bar.add_task("generating answers", total=None)
-        result = api.demo(cfg, progress=lambda _step, done, total: bar.update(task, completed=done, total=total))
-    table = Table(title=f"{cfg.model} ({result.model['revision']}), greedy, {cfg.max_new_tokens} new tokens")
-    for col in ("kind", "prompt", "answer"):
+        bars: dict[str, Any] = {}
+
+        def started(index: int, name: str, reused: bool) -> None:
+            bars.clear()
+            console.print(f"[bold]{index + 1}/{len(STEPS)} {name}[/]" + (" (reused from the last run)" if reused
+                                                                          else ""))
+
+        def report(what: str, done: int, total: int) -> None:
+            bars.setdefault(what, bar.add_task(what, total=total))
+            bar.update(bars[what], completed=done, total=total)
+
+        result = api.demo(cfg, progress=report, on_step=started)
+    table = Table(title="answers before and after the patch (greedy)")
+    for col in ("task", "prompt", "before", "after"):
         table.add_column(col, overflow="fold")
     for answer in result.answers:
-        table.add_row(answer.kind, answer.prompt, answer.response)
+        table.add_row(answer.task, answer.prompt[:160], answer.before[:200], answer.after[:200])
     out.print(table)
-    timing = ", ".join(f"{step} {secs:.1f} s" for step, secs in result.seconds.items())
-    console.print(f"[green]done[/]: {len(result.answers)} answers ({timing}).")
+    for sentence in result.summary:
+        out.print(sentence)
+    timing = ", ".join(f"{step} {secs / 60:.1f} min" for step, secs in result.seconds.items() if secs)
+    console.print(f"[green]done[/] ({timing}). Report: {result.report}  Patch: {result.patch}")
 
 
 @app.command("eval")
@@ -142,8 +170,10 @@ def eval_(
     config: ConfigOpt = None,
     model: Annotated[str | None, typer.Option(help="Model: catalog name, folder, .gguf or Hub id.")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision (Hub ids only).")] = None,
-    adapter: Annotated[Path | None, typer.Option(help="Safety patch (PEFT adapter folder) to evaluate.")] = None,
+    adapter: Annotated[list[str] | None, typer.Option(
+        help="Safety patch folder to evaluate; repeat or comma-separate for several (combined in ΔW).")] = None,
     merge_adapter: Annotated[bool | None, typer.Option("--merge-adapter", help="Merge instead of attach.")] = None,
+    merge_scale: Annotated[float | None, typer.Option(help="Merge scale gamma (with --merge-adapter).")] = None,
     reference_model: Annotated[str | None, typer.Option(help="Reference model of the drift task.")] = None,
     preset: Annotated[str | None, typer.Option(help="quick (CPU minutes) or full.")] = None,
     tasks: Annotated[str | None, typer.Option(help="Comma-separated tasks instead of the preset's.")] = None,
@@ -164,7 +194,8 @@ def eval_(
     from safetypatch.config import load_config
 
     cfg = load_config(api.EvalConfig, config, dict(
-        model=model, revision=revision, adapter=adapter, merge_adapter=merge_adapter, reference_model=reference_model,
+        model=model, revision=revision, adapter=_paths(adapter), merge_adapter=merge_adapter, merge_scale=merge_scale,
+        reference_model=reference_model,
         preset=preset, tasks=_split(tasks), limit=limit, limits=_pairs(limits), max_new_tokens=max_new_tokens,
         batch_size=batch_size, judges=_split(judges),
         system_prompt=system_prompt, dtype=dtype, backend=backend, seed=seed, output_dir=output_dir,
@@ -223,6 +254,71 @@ def train(
 
 @app.command()
 @_friendly
+def finetune(
+    config: ConfigOpt = None,
+    model: Annotated[str | None, typer.Option(help="Base model: catalog name, folder, .gguf or Hub id.")] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision (Hub ids only).")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Set with responses (arith, chat, harmful-qa) or file.")] = None,
+    n: Annotated[int | None, typer.Option(help="Most rows of the set's train half.")] = None,
+    recipe: Annotated[str | None, typer.Option(help="Hyper-parameters: mou, xue, or a Xue mode string.")] = None,
+    set_: Annotated[str | None, typer.Option("--set", help="Recipe fields, e.g. learning_rate=1e-4,r=4.")] = None,
+    mode: Annotated[str | None, typer.Option(help="lora (merged into the weights) or full.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Model folder.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16.")] = None,
+    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace an existing model folder.")] = None,
+) -> None:
+    """Fine-tune a model on a dataset's prompt -> response pairs and save it as a complete model folder."""
+    from safetypatch import api
+    from safetypatch.config import load_config
+
+    cfg = load_config(api.FinetuneConfig, config, dict(
+        model=model, revision=revision, dataset=dataset, n=n, recipe=recipe, recipe_overrides=_pairs(set_),
+        mode=mode, output=output, dtype=dtype, overwrite=overwrite))
+    console.print(f"[bold]safetypatch finetune[/] {cfg.model} on {cfg.dataset} ({cfg.mode}) -> {cfg.output}")
+    with _progress() as bar:
+        task = bar.add_task("train", total=None)
+        result = api.finetune(cfg, progress=lambda _, done, total: bar.update(task, completed=done, total=total))
+    losses = result.training["loss_history"]
+    console.print(f"[green]done[/] in {result.seconds / 60:.1f} min: {result.rows} rows, "
+                  f"{result.training['steps']} steps, loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f}; "
+                  f"model at {result.path}")
+
+
+@app.command()
+@_friendly
+def apply(
+    config: ConfigOpt = None,
+    model: Annotated[str | None, typer.Option(help="Target: the patch base or a fine-tune of it.")] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision (Hub ids only).")] = None,
+    patch: Annotated[list[str] | None, typer.Option(
+        "--patch", "-p", help="Patch folder; repeat or comma-separate for several (combined exactly in ΔW).")] = None,
+    weights: Annotated[str | None, typer.Option(help="Comma-separated weight per patch, e.g. 1,0.5.")] = None,
+    mode: Annotated[str | None, typer.Option(help="attach (PEFT adapter, default) or merge.")] = None,
+    scale: Annotated[float | None, typer.Option(help="Merge scale gamma (merge only).")] = None,
+    reduce_k: Annotated[int | None, typer.Option(help="Overlap reduction: top-k subspace (merge only).")] = None,
+    reduce_side: Annotated[str | None, typer.Option(help="Reduction side: column, row or both.")] = None,
+    reduce_retention: Annotated[float | None, typer.Option(help="Share of the in-subspace part kept.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Merged model or adapter folder.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16.")] = None,
+    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace an existing output.")] = None,
+) -> None:
+    """Apply safety patches to a model: attach them as a PEFT adapter or merge them into the weights."""
+    from safetypatch import api
+    from safetypatch.config import load_config
+
+    cfg = load_config(api.ApplyConfig, config, dict(
+        model=model, revision=revision, patches=_paths(patch), weights=_split(weights), mode=mode, scale=scale,
+        reduce_k=reduce_k, reduce_side=reduce_side, reduce_retention=reduce_retention, output=output, dtype=dtype,
+        overwrite=overwrite))
+    console.print(f"[bold]safetypatch apply[/] {len(cfg.patches)} patch(es) onto {cfg.model} ({cfg.mode})")
+    with console.status("loading the model and applying the patches..."):
+        result = api.apply_patch(cfg)
+    out.print(_applied_table(result))
+    console.print(f"[green]done[/]: {result.output or 'kept in memory only (no --output given)'}")
+
+
+@app.command()
+@_friendly
 def report(
     results: Annotated[list[Path], typer.Argument(help="Results JSON files (first = the 'before').")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path("report.html"),
@@ -254,6 +350,31 @@ def ls(what: Annotated[str, typer.Argument(help="tasks, models or datasets")] = 
         table.add_row(row["name"], row["kind"], row["dataset"], row["description"])
     out.print(table)
     return None
+
+
+def _applied_table(result: Any) -> Table:
+    """The summary of ``safetypatch apply``: what was applied, how, its effect, and where it went."""
+    record = result.record
+    fingerprint = {True: "same as the patch base", False: "different: a descendant (recorded as applied_to)",
+                   None: "unknown: the patch records no base fingerprint"}[result.applied_to["same_as_patch_base"]]
+    reduction = record["reduction"]
+    rows = {
+        "patches": record["name"], "mode": result.mode, "scale": f"{result.scale:g}",
+        "modules": f"{record['modules']} (rank {record['rank']})",
+        "overlap reduction": f"k={reduction['k']}, {reduction['side']}, λ={reduction['retention']:g}" if reduction
+        else "none",
+        "max logit change": f"{result.max_logit_change:.3g}", "fingerprint": fingerprint,
+        "output": str(result.output or "-"),
+    }
+    table = Table(show_header=False, title="applied")
+    for key, value in rows.items():
+        table.add_row(key, value)
+    return table
+
+
+def _paths(values: list[str] | None) -> list[Path] | None:
+    """Repeated and comma-separated path options as paths; None when not given."""
+    return [Path(part) for value in values or [] for part in _split(value) or []] or None
 
 
 def _pairs(text: str | None) -> dict[str, str] | None:

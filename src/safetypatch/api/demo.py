@@ -1,82 +1,174 @@
-"""``safetypatch demo``: the main job on the embedded default model."""
+"""``safetypatch demo``: the main job. Evaluate a model, train a LoRA safety patch on safety data, evaluate the
+patched model, and write the before/after HTML report next to the patch folder.
+
+Every step leaves its output in ``output_dir`` (``before/``, ``patch/``, ``after/``, ``report.html``) and a rerun
+resumes: a finished step is reused when the run's settings (``demo.json``) are unchanged; ``overwrite`` redoes all.
+"""
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
 from pydantic import Field
 
-from safetypatch.api._progress import Progress
+from safetypatch.api._progress import Progress, StepStarted
+from safetypatch.api.evaluate import EvalConfig, evaluate
+from safetypatch.api.train import TrainConfig, train_patch
 from safetypatch.config import StrictConfig
-from safetypatch.data.catalog import load_dataset
+from safetypatch.errors import ConfigError
 from safetypatch.models.catalog import DEFAULT_MODEL
-from safetypatch.models.loading import LoadedModel, load_model
+from safetypatch.utils.io import atomic_write_json
+
+T = TypeVar("T")
+STEPS = ("evaluate before", "train patch", "evaluate after", "report")
+STEP_MINUTES = {"evaluate before": 3, "train patch": 8, "evaluate after": 3, "report": 0}
+"""Minutes each step took on 2 CPU cores with the embedded model and the defaults (shown as the plan)."""
 
 
 class DemoConfig(StrictConfig):
-    """Options of ``safetypatch demo``."""
+    """Options of ``safetypatch demo``; the patch is trained with ``safetypatch train``'s defaults."""
 
-    model: str = Field(DEFAULT_MODEL, description="Model to run: catalog name, local folder, .gguf or Hub id.")
-    n_harmful: int = Field(4, ge=0, description="Harmful prompts shown (standard HarmBench behaviours).")
-    n_benign: int = Field(4, ge=0, description="Benign prompts shown (from xstest-safe).")
-    max_new_tokens: int = Field(48, ge=1, description="Greedy tokens generated per answer.")
-    seed: int = Field(0, description="Seed of the prompt sample.")
+    model: str = Field(DEFAULT_MODEL, description="Model to patch: catalog name, local folder, .gguf or Hub id.")
+    recipe: str = Field("mou", description="Recipe preset of the patch (mou, xue) or a Xue mode string.")
+    recipe_overrides: dict[str, Any] = Field(default_factory=dict, description="PatchRecipe fields that win.")
+    n_harmful: int | None = Field(None, gt=0, description="Most harmful training prompts per set (train's default).")
+    preset: str = Field("demo", description="Evaluation budget preset run before and after (demo, quick, full).")
+    limit: int | None = Field(None, gt=0, description="Most rows per evaluation task, instead of the preset's.")
+    output_dir: Path = Field(Path("runs/demo"), description="Folder of the run: before/, patch/, after/, report.html.")
+    n_show: int = Field(3, ge=0, description="Harmful and benign answers shown before and after, of each kind.")
+    overwrite: bool = Field(False, description="Redo every step instead of resuming a run with the same settings.")
 
 
 @dataclass(frozen=True)
 class DemoAnswer:
-    kind: str
+    """One prompt's greedy answer before and after the patch."""
+
+    task: str
     prompt: str
-    response: str
+    before: str
+    after: str
 
 
 @dataclass(frozen=True)
 class DemoResult:
-    """What the demo did: the model's provenance, its answers, and the time each step took."""
+    """What the demo produced.
 
-    model: dict
+    Attributes:
+        before, after: the two results files.
+        patch: the patch folder.
+        report: the HTML report.
+        summary: one sentence per run (refusal, over-refusal, capability, drift).
+        answers: a few answers before and after.
+        seconds: wall time per step (0 for a step reused from an earlier run).
+    """
+
+    before: Path
+    after: Path
+    patch: Path
+    report: Path
+    summary: tuple[str, ...]
     answers: tuple[DemoAnswer, ...]
     seconds: dict[str, float]
 
 
-def demo(config: DemoConfig | None = None, progress: Progress | None = None) -> DemoResult:
-    """Load the model and show its greedy answers to a few harmful and benign prompts.
+def demo(config: DemoConfig | None = None, progress: Progress | None = None,
+         on_step: StepStarted | None = None) -> DemoResult:
+    """Run the demo: evaluate, train a patch, apply it, evaluate again, report.
 
     Args:
-        config: demo options (defaults: the embedded SmolLM2-135M-Instruct).
-        progress: optional callback ``(step, done, total)``.
+        config: demo options (defaults: the embedded SmolLM2-135M-Instruct, preset ``demo``, recipe ``mou``).
+        progress: called as ``(what, done, total)`` inside steps (tasks of an evaluation, retain answers,
+            training steps).
+        on_step: called as ``(index, step name, reused)`` when a step starts (or is reused).
 
     Returns:
-        The answers and timings.
+        The paths, the summary sentences, a few answers before and after, and the time of each step.
+
+    Raises:
+        ConfigError: ``output_dir`` holds a run with other settings (use ``overwrite`` or another folder).
     """
-    from safetypatch.eval.generate import GenerationProtocol, generate_chat
+    from safetypatch.report import compare, summarize, write_report
 
     cfg = config or DemoConfig()
+    out = cfg.output_dir
+    _claim(out, cfg)
     seconds: dict[str, float] = {}
-    start = time.perf_counter()
-    loaded: LoadedModel = load_model(cfg.model)
-    seconds["load"] = time.perf_counter() - start
-    harmful = _sample_prompts("harmbench", cfg.n_harmful, cfg.seed, functional_category="standard")
-    benign = _sample_prompts("xstest-safe", cfg.n_benign, cfg.seed)
-    protocol = GenerationProtocol(max_new_tokens=cfg.max_new_tokens, dtype=loaded.dtype)
-    start = time.perf_counter()
-    total = len(harmful) + len(benign)
-    generations = generate_chat(
-        loaded.model, loaded.tokenizer, harmful + benign, protocol,
-        progress=(lambda done, _: progress("generate", done, total)) if progress else None,
-    )
-    seconds["generate"] = time.perf_counter() - start
-    kinds = ["harmful"] * len(harmful) + ["benign"] * len(benign)
-    answers = tuple(DemoAnswer(k, g.prompt, g.response) for k, g in zip(kinds, generations, strict=True))
-    return DemoResult(loaded.provenance(), answers, seconds)
+
+    def step(index: int, run: Callable[[], T], reuse: Callable[[], T | None]) -> T:
+        found = None if cfg.overwrite else reuse()
+        if on_step is not None:
+            on_step(index, STEPS[index], found is not None)
+        start = time.perf_counter()
+        value = found if found is not None else run()
+        seconds[STEPS[index]] = 0.0 if found is not None else time.perf_counter() - start
+        return value
+
+    patch = out / "patch"
+    before = step(0, lambda: _evaluate(cfg, out / "before", None, progress), lambda: _results(out / "before"))
+    sizes = {"n_harmful": cfg.n_harmful} if cfg.n_harmful else {}
+    train = TrainConfig(model=cfg.model, recipe=cfg.recipe, recipe_overrides=cfg.recipe_overrides, output=patch,
+                        overwrite=True, **sizes)
+    step(1, lambda: train_patch(train, progress), lambda: patch if (patch / "safety_patch.json").is_file() else None)
+    after = step(2, lambda: _evaluate(cfg, out / "after", patch, progress), lambda: _results(out / "after"))
+    report = out / "report.html"
+    labels = ["before", "after (patched)"]
+    step(3, lambda: write_report([before, after], report, labels=labels, title=f"safetypatch demo: {cfg.model}",
+                                 overwrite=True), lambda: None)
+    summary = summarize(compare(_read(before, after), labels))
+    return DemoResult(before, after, patch, report, tuple(run.sentence() for run in summary.runs),
+                      _answers(before, after, cfg.n_show), seconds)
 
 
-def _sample_prompts(name: str, n: int, seed: int, **meta: str) -> list[str]:
-    import random
+def _claim(out: Path, cfg: DemoConfig) -> None:
+    """Record the run's settings in ``out/demo.json``; refuse to resume a run made with other settings."""
+    settings = cfg.model_dump(mode="json", exclude={"overwrite", "n_show"})
+    marker = out / "demo.json"
+    if marker.is_file() and not cfg.overwrite:
+        previous = json.loads(marker.read_text())
+        if previous != settings:
+            changed = sorted(k for k in {*settings, *previous} if settings.get(k) != previous.get(k))
+            raise ConfigError(f"{out} holds a demo run with other settings ({', '.join(changed)} differ); pass "
+                              "--overwrite to redo it there, or choose another --output-dir.")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, settings, overwrite=True)
 
-    if n == 0:
-        return []
-    rows = [row for row in load_dataset(name).rows
-            if len(row.prompt) < 300 and all(row.meta.get(k) == v for k, v in meta.items())]
-    return [row.prompt for row in random.Random(seed).sample(rows, min(n, len(rows)))]
+
+def _evaluate(cfg: DemoConfig, folder: Path, patch: Path | None, progress: Progress | None) -> Path:
+    """Run the preset on the model (with the patch attached when given); drift needs the patch, as the unpatched
+    model is its own reference."""
+    from safetypatch.eval.task import TASKS, load_preset
+
+    tasks = [t for t in load_preset(cfg.preset).tasks if patch is not None or TASKS.get(t).kind != "drift"]
+    result = evaluate(EvalConfig(model=cfg.model, adapter=patch, preset=cfg.preset, tasks=tasks, limit=cfg.limit,
+                                 batch_size=16, output_dir=folder, overwrite=True), progress)
+    for stale in folder.rglob("results_*.json"):  # keep one results file per side, so a resume finds this one
+        if stale != result.path:
+            stale.unlink()
+    return result.path
+
+
+def _results(folder: Path) -> Path | None:
+    found = sorted(folder.rglob("results_*.json"))
+    return found[-1] if found else None
+
+
+def _read(*paths: Path) -> list[Any]:
+    from safetypatch.eval.results import read_results
+
+    return [read_results(path) for path in paths]
+
+
+def _answers(before: Path, after: Path, n: int) -> tuple[DemoAnswer, ...]:
+    """The first ``n`` answers of each generation task that both runs share, before and after."""
+    first, second = _read(before, after)
+    shown = []
+    for task in (t for t in first.tasks() if t in second.tasks()):
+        pairs = list(zip(first.samples(task), second.samples(task), strict=False))
+        shown += [DemoAnswer(task, a["prompt"], a["response"], b["response"]) for a, b in pairs[:n]
+                  if "response" in a and "response" in b]
+    return tuple(shown)
