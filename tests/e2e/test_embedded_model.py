@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -28,10 +29,16 @@ def test_embedded_default_loads_from_cache_and_is_identified():
     assert loaded.model.config.num_hidden_layers == 30
 
 
-def test_demo_prints_answers_to_harmful_and_benign_prompts():
-    result = api.demo(api.DemoConfig(n_harmful=2, n_benign=2, max_new_tokens=12))
-    kinds = [answer.kind for answer in result.answers]
-    assert kinds == ["harmful", "harmful", "benign", "benign"]
-    for answer in result.answers:
-        assert answer.prompt and answer.response.strip(), answer
-    assert result.model["fingerprint"] == SMOLLM2_FINGERPRINT
+def test_demo_patches_the_embedded_model_end_to_end(tmp_path):
+    cfg = api.DemoConfig(n_harmful=4, limit=4, output_dir=tmp_path / "demo", recipe_overrides={
+        "max_steps": 3, "retain_count": 4, "per_device_train_batch_size": 4, "learning_rate": 1e-3})
+    result = api.demo(cfg)
+    manifest = json.loads((result.patch / "safety_patch.json").read_text())
+    assert manifest["base_model"]["fingerprint"] == SMOLLM2_FINGERPRINT
+    assert manifest["training"]["steps"] == 3 and manifest["contamination"]["dropped_eval_duplicates"] >= 0
+    after = json.loads(result.after.read_text())
+    assert after["config"]["adapter"]["max_logit_change"] > 1e-3
+    assert after["results"]["drift"]["kl,reference"] > 0
+    assert {a.task for a in result.answers} == {"harmbench", "advbench", "xstest-safe", "benign-edgy"}
+    assert all(a.before.strip() and a.after.strip() for a in result.answers)
+    assert result.report.stat().st_size > 10_000
