@@ -67,6 +67,9 @@ def evaluate(config: EvalConfig | None = None, progress: Progress | None = None)
         config: what to evaluate and how (defaults: the embedded model, preset ``quick``).
         progress: optional callback ``(task, done, total)``.
 
+    A preset's drift task is skipped (and listed under ``config.skipped_tasks``) when there is no reference: no
+    adapter and no ``reference_model``.
+
     Returns:
         The results path and headline metrics.
 
@@ -86,7 +89,7 @@ def evaluate(config: EvalConfig | None = None, progress: Progress | None = None)
     model, adapter = _with_adapter(loaded, cfg)
     reference_ref = cfg.reference_model or (cfg.model if cfg.adapter else None)
     reference = load_model(reference_ref, dtype=loaded.dtype).model if reference_ref else None
-    tasks = tuple(cfg.tasks or preset.tasks)
+    tasks = tuple(cfg.tasks or _runnable(preset.tasks, reference is not None))
     limits = {t: cfg.limit for t in tasks} if cfg.limit else {t: n for t, n in preset.limits.items() if t in tasks}
     protocol = GenerationProtocol(max_new_tokens=cfg.max_new_tokens or preset.max_new_tokens,
                                   batch_size=cfg.batch_size, system_prompt=cfg.system_prompt, seed=cfg.seed,
@@ -97,6 +100,8 @@ def evaluate(config: EvalConfig | None = None, progress: Progress | None = None)
                              seed=cfg.seed, generation_kwargs=protocol.to_dict(), adapter=adapter,
                              device=loaded.device)
     builder.config["preset"] = cfg.preset
+    builder.config["skipped_tasks"] = {t: "no reference model (drift compares against one)"
+                                       for t in (() if cfg.tasks else preset.tasks) if t not in tasks}
     builder.config["eval_config"] = cfg.model_dump(mode="json")
     engine = None
     if cfg.backend == "vllm":
@@ -111,6 +116,14 @@ def evaluate(config: EvalConfig | None = None, progress: Progress | None = None)
         for task, entry in data["results"].items()
     }
     return EvalResult(path, headline, time.perf_counter() - start)
+
+
+def _runnable(tasks: list[str], has_reference: bool) -> list[str]:
+    """A preset's tasks minus drift when there is nothing to compare against (a plain model without
+    ``reference_model``); tasks named explicitly are never dropped."""
+    from safetypatch.eval.task import TASKS
+
+    return [t for t in tasks if has_reference or TASKS.get(t).kind != "drift"]
 
 
 def _with_adapter(loaded: LoadedModel, cfg: EvalConfig) -> tuple[Any, dict | None]:
