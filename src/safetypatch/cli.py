@@ -227,6 +227,8 @@ def train(
     revision: Annotated[str | None, typer.Option(help="Hub revision (Hub ids only).")] = None,
     recipe: Annotated[str | None, typer.Option(help="mou, xue, or a Xue mode string.")] = None,
     set_: Annotated[str | None, typer.Option("--set", help="Recipe fields, e.g. learning_rate=1e-4,r=4.")] = None,
+    full: Annotated[bool | None, typer.Option("--full", help="Full-parameter Refusal-SFT (Mou et al.'s baseline): "
+                                                             "a complete model folder.")] = None,
     harmful: Annotated[str | None, typer.Option(help="Comma-separated harmful sets (train halves).")] = None,
     n_harmful: Annotated[int | None, typer.Option(help="Most harmful prompts per set.")] = None,
     retain: Annotated[str | None, typer.Option(help="Comma-separated benign retain sets.")] = None,
@@ -235,14 +237,14 @@ def train(
     dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16.")] = None,
     overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace an existing patch.")] = None,
 ) -> None:
-    """Train a safety patch (LoRA Refusal-SFT on safety data) and save it as a verified PEFT folder."""
+    """Train a safety patch (LoRA Refusal-SFT on safety data) into a verified PEFT folder; --full: a model folder."""
     from safetypatch import api
     from safetypatch.config import load_config
 
     cfg = load_config(api.TrainConfig, config, dict(
-        model=model, revision=revision, recipe=recipe, recipe_overrides=_pairs(set_), harmful=_split(harmful),
-        n_harmful=n_harmful, retain=_split(retain), retain_max_new_tokens=retain_max_new_tokens, output=output,
-        dtype=dtype, overwrite=overwrite))
+        model=model, revision=revision, recipe=recipe, recipe_overrides=_pairs(set_), full=full,
+        harmful=_split(harmful), n_harmful=n_harmful, retain=_split(retain),
+        retain_max_new_tokens=retain_max_new_tokens, output=output, dtype=dtype, overwrite=overwrite))
     console.print(f"[bold]safetypatch train[/] {cfg.recipe} patch on {cfg.model} -> {cfg.output}")
     with console.status("generating retain answers and training..."):
         result = api.train_patch(cfg)

@@ -73,6 +73,7 @@ def test_finetune_lowers_the_loss_and_writes_a_loadable_descendant(tmp_path, tin
     assert manifest["data"]["sha256"] == result.dataset_sha256 == rows.sha256
     assert (manifest["data"]["name"], manifest["data"]["rows"], result.rows) == ("arith/train", 8, 8)
     assert manifest["base_model"]["fingerprint"] == base.fingerprint.sha256 != child.fingerprint.sha256
+    assert manifest["output_fingerprint"] == child.fingerprint.sha256
     assert manifest["recipe"]["mode"] == "lora" and manifest["merge"]["modules"] == 4 * len(ALL_LINEAR)
     assert [step for step, _ in manifest["training"]["loss_history"]] == [1, 2, 3, 4]
     assert manifest["seconds"] >= manifest["training"]["seconds"] > 0

@@ -9,8 +9,7 @@ combines and attaches or merges patches; ``safetypatch eval --adapter`` uses it 
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,20 +18,17 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, model_validator
 
 from safetypatch.config import StrictConfig
-from safetypatch.errors import ConfigError, PatchError
+from safetypatch.errors import ConfigError
 from safetypatch.models.catalog import DEFAULT_MODEL
 from safetypatch.models.loading import load_model
 from safetypatch.utils.environment import package_versions
 from safetypatch.utils.hashing import sha256_file
-from safetypatch.utils.io import atomic_path, ensure_writable
+from safetypatch.utils.io import ensure_writable
 
 if TYPE_CHECKING:
     from safetypatch.patch import ApplyResult, OverlapReduction, Patch, PatchManifest, ReducedPatch
 
-logger = logging.getLogger(__name__)
-
 APPLIED_RECORD = "safety_patch_applied.json"
-MAX_SHARD_SIZE = "5GB"  # METHODS.md §5.2
 # Keys save_patch writes afresh into every manifest; a re-saved patch must not carry the old values along.
 _WRITTEN_BY_SAVE = ("adapter", "library_versions", "created")
 
@@ -229,9 +225,10 @@ def apply_patch(config: ApplyConfig) -> AppliedModel:
 
     Raises:
         OutputExistsError: ``output`` exists and ``overwrite`` is false (checked before the model is loaded).
-        ModelError: the target cannot be resolved or loaded.
+        ModelError: the target cannot be resolved or loaded, or a tensor of the merged folder does not read back
+            as it is in memory (nothing is left at ``output``).
         ModelMismatchError: a patch was made for another architecture, other module names or other shapes.
-        PatchError: a patch is unreadable or empty, changes nothing, or a written artifact fails its check.
+        PatchError: a patch is unreadable or empty, changes nothing, or the written adapter fails its check.
         ConfigError: see :func:`apply_patch_folders`.
     """
     cfg = config
@@ -258,42 +255,13 @@ def apply_patch(config: ApplyConfig) -> AppliedModel:
 def _write_merged(applied: AppliedPatches, tokenizer: Any, record: dict[str, Any], folder: Path,
                   overwrite: bool) -> str:
     """Write the merged model, its tokenizer and the record atomically; returns the written folder's fingerprint."""
-    from safetypatch.models.fingerprint import fingerprint_folder
+    from safetypatch.models.saving import save_model_folder
 
-    model = applied.result.model
-    with atomic_path(folder, overwrite) as tmp:
-        tmp.mkdir()
-        model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)  # transformers >= 5 writes safetensors only
-        tokenizer.save_pretrained(tmp)
-        _check_saved_weights(tmp, model, applied.patch.factors)
-        fingerprint = fingerprint_folder(tmp).sha256
-        document = {**record, "output_fingerprint": fingerprint}
-        (tmp / APPLIED_RECORD).write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
-    logger.info("wrote the merged model to %s (fingerprint %s…)", folder, fingerprint[:12])
-    return fingerprint
+    def record_text(fingerprint: str) -> str:
+        return json.dumps({**record, "output_fingerprint": fingerprint}, indent=2, default=str) + "\n"
 
-
-def _check_saved_weights(folder: Path, model: Any, modules: Iterable[str]) -> None:
-    """Every merged module's weight, read back from the written safetensors, must equal the one in memory."""
-    import torch
-    from safetensors import safe_open
-
-    from safetypatch.models.fingerprint import safetensors_files
-    from safetypatch.patch.factors import module_weight
-
-    wanted = {f"{name}.weight": name for name in modules}
-    found: set[str] = set()
-    for path in safetensors_files(folder):
-        with safe_open(str(path), framework="pt") as fh:
-            for key in wanted.keys() & set(fh.keys()):
-                found.add(key)
-                if not torch.equal(fh.get_tensor(key), module_weight(model, wanted[key]).detach().cpu()):
-                    raise PatchError(f"{path}: tensor {key} differs from the merged weight in memory; the checkpoint "
-                                     "was not written correctly and was not moved into place.")
-    missing = sorted(wanted.keys() - found)
-    if missing:
-        raise PatchError(f"{folder}: the written checkpoint lacks {len(missing)} merged weights (e.g. {missing[0]}); "
-                         "it was not moved into place. Please report this with the model's architecture.")
+    return save_model_folder(applied.result.model, tokenizer, folder, sidecars={APPLIED_RECORD: record_text},
+                             overwrite=overwrite).sha256
 
 
 def _adapter_manifest(patch: Patch, record: dict[str, Any]) -> PatchManifest:

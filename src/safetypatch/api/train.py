@@ -1,4 +1,5 @@
-"""``safetypatch train``: Refusal-SFT of a safety patch, saved as a verified PEFT folder with its manifest."""
+"""``safetypatch train``: Refusal-SFT of a safety patch, saved as a verified PEFT folder with its manifest (or, for
+the full-parameter baseline, as a verified complete model folder with the same manifest)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,19 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from safetypatch.api._progress import Progress
 from safetypatch.config import StrictConfig
 from safetypatch.data.catalog import load_dataset
+from safetypatch.errors import ConfigError
 from safetypatch.models.catalog import DEFAULT_MODEL
 from safetypatch.models.loading import load_model
+
+if TYPE_CHECKING:
+    from safetypatch.train.recipes import PatchRecipe
 
 
 class TrainConfig(StrictConfig):
@@ -24,15 +29,39 @@ class TrainConfig(StrictConfig):
     revision: str | None = Field(None, description="Hub revision (Hub ids only).")
     recipe: str = Field("mou", description="Recipe preset (mou, xue) or a Xue mode string.")
     recipe_overrides: dict[str, Any] = Field(default_factory=dict, description="PatchRecipe fields that win.")
+    full: bool = Field(False, description="Full-parameter Refusal-SFT, the baseline of Mou et al.: sets recipe "
+                                          "mode=full and writes a complete model folder.")
     harmful: list[str] = Field(["harmbench", "advbench", "strongreject"], description="Harmful sets (train halves).")
     n_harmful: int | None = Field(100, gt=0, description="Most harmful prompts per set.")
     retain: list[str] = Field(
         ["xstest-safe", "benign-edgy"],
         description="Benign sets (train halves) whose first recipe.retain_count prompts the model answers itself.")
     retain_max_new_tokens: int = Field(40, gt=0, description="Length of the model's own retain answers.")
-    output: Path = Field(Path("runs/patch"), description="Patch folder (PEFT adapter + safety_patch.json).")
+    output: Path = Field(Path("runs/patch"), description="Patch folder (PEFT adapter + safety_patch.json; full "
+                                                         "mode: a complete model folder + safety_patch.json).")
     overwrite: bool = Field(False, description="Replace an existing patch folder.")
     dtype: str = Field("auto", description="Weights dtype: auto, float32, bfloat16 or float16.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.full and self.recipe_overrides.get("mode", "full") != "full":
+            raise ConfigError(f"TrainConfig: full is true (CLI --full) but recipe_overrides sets mode="
+                              f"{self.recipe_overrides['mode']!r} (CLI --set mode=...); drop one of them: full "
+                              "trains every weight (mode=full).")
+        return self
+
+    def patch_recipe(self) -> PatchRecipe:
+        """The recipe: preset ``recipe`` with ``recipe_overrides`` applied, and mode ``full`` when ``full`` is set.
+
+        Returns:
+            The validated :class:`~safetypatch.train.recipes.PatchRecipe`.
+
+        Raises:
+            ConfigError: unknown preset or an invalid field.
+        """
+        from safetypatch.train.recipes import get_recipe
+
+        return get_recipe(self.recipe, **{**self.recipe_overrides, **({"mode": "full"} if self.full else {})})
 
 
 @dataclass(frozen=True)
@@ -49,6 +78,8 @@ class TrainPatchResult:
 def train_patch(config: TrainConfig | None = None, progress: Progress | None = None) -> TrainPatchResult:
     """Train a safety patch by Refusal-SFT on the train halves of the harmful sets, with benign retain prompts
     answered by the model itself, save it as a verified PEFT folder with its manifest (Mou et al.; METHODS.md §3.1).
+    In full mode (``full`` or recipe mode ``full``: the full-parameter baseline) every weight is trained and the
+    output is a complete model folder, read back tensor by tensor, with the same ``safety_patch.json``.
 
     ``progress`` is called as ``("retain answers", done, total)`` while the model answers the retain prompts and
     ``("train", step, max_steps)`` after every optimiser step.
@@ -56,26 +87,29 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
     Training rows that duplicate a prompt of any safety task's evaluation split (sets overlap: e.g. StrongREJECT
     and HarmBench share behaviours) are dropped and counted in the manifest.
 
+    Args:
+        config: what to train and where to write it (default :class:`TrainConfig`).
+        progress: optional progress callback, as above.
+
+    Returns:
+        A :class:`TrainPatchResult`.
+
     Raises:
         ConfigError: unknown recipe or dataset.
         OutputExistsError: the output folder exists and ``overwrite`` is false.
+        PatchError: the written LoRA patch fails its reload check.
+        ModelError: a tensor of the written full model folder does not read back as trained.
     """
     from safetypatch.data import canonical_split, check_no_overlap, count_ngram_overlap
     from safetypatch.eval.generate import GenerationProtocol, generate_chat
-    from safetypatch.patch.artifact import PatchManifest, chat_template_sha256, save_patch
-    from safetypatch.train import (
-        build_refusal_examples,
-        build_retain_examples,
-        get_recipe,
-        tokenize_examples,
-        train_refusal_patch,
-    )
+    from safetypatch.patch.artifact import PatchManifest, chat_template_sha256, save_full_model_patch, save_patch
+    from safetypatch.train import build_refusal_examples, build_retain_examples, tokenize_examples, train_refusal_patch
     from safetypatch.utils.io import ensure_writable
 
     cfg = config or TrainConfig()
     ensure_writable(cfg.output, cfg.overwrite)
     start = time.perf_counter()
-    recipe = get_recipe(cfg.recipe, **cfg.recipe_overrides)
+    recipe = cfg.patch_recipe()
     loaded = load_model(cfg.model, revision=cfg.revision, dtype=cfg.dtype)
     splits = {name: canonical_split(load_dataset(name)) for name in [*cfg.harmful, *cfg.retain]}
     held_out = _safety_eval_prompts(splits)
@@ -107,7 +141,10 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
         training=result.to_dict(), extra={"retain_protocol": protocol.to_dict(), "train_config": cfg.model_dump(
             mode="json")},
     )
-    save_patch(result.model, cfg.output, manifest, overwrite=cfg.overwrite)
+    if recipe.mode == "full":
+        save_full_model_patch(result.model, loaded.tokenizer, cfg.output, manifest, overwrite=cfg.overwrite)
+    else:
+        save_patch(result.model, cfg.output, manifest, overwrite=cfg.overwrite)
     return TrainPatchResult(cfg.output, result.to_dict(), len(harmful), len(answers), time.perf_counter() - start)
 
 

@@ -4,6 +4,10 @@ verified by reloading (METHODS.md §3.1 *Outputs*, §5.4, §5.7).
 Folder layout: ``adapter_config.json``, ``adapter_model.safetensors``, ``README.md`` (model card with ``base_model``,
 ``library_name: peft``, ``tags: [safetypatch, safety]``) and ``safety_patch.json``. After writing, and before the
 folder is moved into place, the adapter is reloaded onto the same base and must reproduce the in-memory logits.
+
+A full-parameter patch (recipe mode ``full``, the Refusal-SFT baseline) is the complete trained model folder
+(:func:`~safetypatch.models.saving.save_model_folder`, read back tensor by tensor) with the same
+``safety_patch.json``, less the adapter block.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from pydantic import Field
 
 from safetypatch.config import StrictConfig
 from safetypatch.errors import PatchError
+from safetypatch.models.fingerprint import Fingerprint
+from safetypatch.models.saving import save_model_folder
 from safetypatch.patch.factors import LoraFactors, Patch, factor_key, patch_from_peft
 from safetypatch.patch.probe import is_peft_model, max_abs_diff, peft_attached, probe_input_ids, probe_logits, reloaded
 from safetypatch.utils.environment import package_versions
@@ -90,12 +96,12 @@ def save_patch(
     is_peft = is_peft_model(source)
     if not is_peft and not isinstance(source, Patch):
         raise PatchError(f"save_patch saves LoRA patches (a PEFT model or a Patch), not a {type(source).__name__}; "
-                         "save a full-parameter model with save_pretrained.")
+                         "save a full-parameter model with save_full_model_patch.")
     if not is_peft and model is None:
         raise PatchError("save_patch: a Patch built in memory is verified on its base model; pass model=<base>.")
     check_model = source if is_peft else model
     patch = patch_from_peft(source, source.active_adapter) if is_peft else source
-    document = _manifest_document(manifest, patch, check_model)
+    document = _patch_document(manifest, patch, check_model)
     config = {**patch.config, "base_model_name_or_path": document["base_model"].get("model"),
               "inference_mode": True}
     folder = Path(folder)
@@ -195,20 +201,55 @@ def verify_patch_folder(folder: Path, model: Any, patch: Patch, *, probe_seed: i
     return diff
 
 
-def _manifest_document(manifest: PatchManifest, patch: Patch, model: Any) -> dict[str, Any]:
+def _manifest_document(manifest: PatchManifest, model: Any) -> dict[str, Any]:
+    """``manifest`` plus ``model``'s architecture, library versions and a timestamp: what every patch records."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config.get_text_config()
     arch = {key: getattr(config, key, None) for key in _ARCH_FIELDS}
     arch["architectures"] = getattr(base.config, "architectures", None) or [type(base).__name__]
     document = manifest.model_dump(mode="json")
     document["base_model"] = {**document["base_model"], "arch": arch}
+    document["library_versions"] = package_versions()
+    document["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return document
+
+
+def save_full_model_patch(
+    model: Any, tokenizer: Any, folder: Path, manifest: PatchManifest, *, overwrite: bool = False,
+) -> Fingerprint:
+    """Write a full-parameter patch (the Refusal-SFT baseline, recipe mode ``full``): the complete trained model
+    folder with its ``safety_patch.json``, verified tensor by tensor and moved into place atomically (§3.1, §5.4).
+
+    Args:
+        model: the trained model (plain transformers, not PEFT).
+        tokenizer: its tokenizer.
+        folder: the output folder; loadable with ``safetypatch.load_model``.
+        manifest: the sidecar manifest (the same document LoRA patches carry, without the ``adapter`` block).
+        overwrite: replace an existing folder.
+
+    Returns:
+        The fingerprint of the written weights.
+
+    Raises:
+        PatchError: ``model`` is a PEFT model (save its LoRA patch with :func:`save_patch`).
+        OutputExistsError: ``folder`` exists and ``overwrite`` is false.
+        ModelError: a written tensor does not read back as in memory (nothing is left at ``folder``).
+    """
+    if is_peft_model(model):
+        raise PatchError(f"save_full_model_patch({folder}): the model carries a LoRA adapter; save LoRA patches "
+                         "with save_patch, or merge the adapter first.")
+    document = _manifest_document(manifest, model)
+    return save_model_folder(model, tokenizer, folder, overwrite=overwrite, sidecars={
+        MANIFEST: json.dumps(document, indent=2, default=str) + "\n"})
+
+
+def _patch_document(manifest: PatchManifest, patch: Patch, model: Any) -> dict[str, Any]:
+    document = _manifest_document(manifest, model)
     document["adapter"] = {
         "r": patch.rank, "lora_alpha": patch.config.get("lora_alpha"), "scaling": patch.scaling,
         "use_rslora": bool(patch.config.get("use_rslora")), "target_modules": patch.config.get("target_modules"),
         "layers_to_transform": patch.config.get("layers_to_transform"), "modules": len(patch.factors),
     }
-    document["library_versions"] = package_versions()
-    document["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return document
 
 
