@@ -1,5 +1,6 @@
 """Pure fp32 linear algebra shared by every weight method: the one ΔW of a LoRA adapter, sign-fixed truncated SVD,
-one-sided projections, and low-rank refactorisation with a reported error (METHODS.md §2.2, §2.3, §3.3, §5.1).
+one-sided projections, low-rank refactorisation with a reported error, PSD eigendecomposition, singular value
+entropy and DARE sparsification (METHODS.md §2.2, §2.3, §3.3, §3.4, §3.5, §5.1).
 
 Everything here is tensors in, tensors out; nothing touches a model or a file. Inputs of any dtype are upcast to
 fp32; the caller casts results back to the storage dtype when it writes them.
@@ -141,10 +142,28 @@ def fix_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     Returns:
         (U, V) with fixed signs.
     """
+    signs = _column_signs(U)
+    return U * signs, V * signs
+
+
+def fix_column_signs(U: torch.Tensor) -> torch.Tensor:
+    """U with each column flipped so that its entry of largest |value| is positive (METHODS.md §2.3).
+
+    The one-sided form of :func:`fix_signs`, for bases with no partner (eigenvectors, orthonormal completions).
+
+    Args:
+        U: d × k.
+
+    Returns:
+        U with fixed column signs (a zero column is left as is).
+    """
+    return U * _column_signs(U)
+
+
+def _column_signs(U: torch.Tensor) -> torch.Tensor:
     idx = U.abs().argmax(dim=0)
     signs = torch.sign(U.gather(0, idx.unsqueeze(0))).squeeze(0)
-    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    return U * signs, V * signs
+    return torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
 def top_singular(W: torch.Tensor, k: int, method: SVDMethod = "auto", seed: int = 0) -> TruncatedSVD:
@@ -265,3 +284,102 @@ def low_rank_factors(delta: torch.Tensor, rank: int) -> LowRankFactors:
     norm = torch.linalg.matrix_norm(delta)
     error = float(torch.linalg.matrix_norm(delta - B @ A) / norm) if norm > 0 else 0.0
     return LowRankFactors(B, A, error)
+
+
+def psd_eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of a symmetric PSD matrix (a Gram or second-moment matrix) in fp32 (METHODS.md §3.4 step 3).
+
+    Eigenvalues come in descending order and are clamped at 0 (rounding makes tiny ones negative); eigenvectors are
+    sign-fixed with :func:`fix_column_signs`. G = Q diag(λ) Qᵀ, so G^{1/2} = Q diag(√λ) Qᵀ.
+
+    Args:
+        G: d × d, symmetric positive semi-definite.
+
+    Returns:
+        (λ, Q): λ of length d, descending, ≥ 0; Q d × d orthonormal.
+
+    Raises:
+        PatchError: G is not square.
+    """
+    if G.dim() != 2 or G.shape[0] != G.shape[1]:
+        raise PatchError(f"psd_eigh needs a square matrix, got shape {tuple(G.shape)}.")
+    evals, evecs = torch.linalg.eigh(G.float())
+    return evals.flip(0).clamp_min(0.0), fix_column_signs(evecs.flip(1))
+
+
+def cumulative_entropy(S: torch.Tensor) -> torch.Tensor:
+    """Cumulative singular value entropy H_ρ = −Σ_{i≤ρ} p_i log p_i (METHODS.md §3.4 Eqs. 5–6).
+
+    p_i = σ_i² / Σ_j σ_j²; natural log; 0·log 0 := 0 (`ours`). All zeros give H = 0.
+
+    Args:
+        S: singular values σ_1 ≥ … ≥ σ_n ≥ 0.
+
+    Returns:
+        H_ρ for ρ = 1..n (fp32, non-decreasing); the last entry is H_n.
+    """
+    energy = S.float().square()
+    total = energy.sum()
+    p = energy / total if total > 0 else energy
+    return torch.special.entr(p).cumsum(0)
+
+
+def entropy_ratios(S: torch.Tensor) -> torch.Tensor:
+    """The curve H_ρ / H_n, ρ = 1..n, of :func:`cumulative_entropy` (METHODS.md §3.4 Eq. 7).
+
+    When H_n = 0 (at most one non-zero σ) the curve is all ones, so the entropy rank is 1 (`ours`).
+
+    Args:
+        S: singular values, descending.
+
+    Returns:
+        The non-decreasing ratios in [0, 1], ending at exactly 1.
+    """
+    H = cumulative_entropy(S)
+    return H / H[-1] if H.numel() and H[-1] > 0 else torch.ones_like(H)
+
+
+def entropy_rank(S: torch.Tensor, eta: float) -> int:
+    """Safety singular value entropy rank r = min{ρ : H_ρ / H_n ≥ η} (METHODS.md §3.4 Eq. 7).
+
+    Args:
+        S: n ≥ 1 singular values, descending.
+        eta: the threshold η ∈ (0, 1].
+
+    Returns:
+        r ∈ [1, n]; non-decreasing in η.
+
+    Raises:
+        PatchError: S is empty or η is outside (0, 1].
+    """
+    if S.numel() == 0:
+        raise PatchError("entropy_rank needs at least one singular value, got none.")
+    if not 0 < eta <= 1:
+        raise PatchError(f"entropy_rank: eta must be in (0, 1], got {eta}.")
+    return int((entropy_ratios(S) < eta).sum()) + 1
+
+
+def dare(delta: torch.Tensor, drop_p: float, seed: int) -> tuple[torch.Tensor, float]:
+    """DARE: drop each entry of a delta with probability p and rescale the rest by 1/(1 − p) (Yu et al. 2024).
+
+    δ̃ = (m ⊙ δ) / (1 − p), m ~ Bernoulli(1 − p) elementwise (METHODS.md §3.5 step 2), so E[δ̃] = δ. The mask is
+    drawn on the CPU from a private generator seeded with ``seed``: the same seed gives the same mask on any device,
+    and the global RNG is untouched.
+
+    Args:
+        delta: the delta (any shape; upcast to fp32).
+        drop_p: p ∈ [0, 1).
+        seed: seed of the mask.
+
+    Returns:
+        (δ̃ in fp32 on ``delta``'s device, the fraction of entries kept).
+
+    Raises:
+        PatchError: p is outside [0, 1).
+    """
+    if not 0 <= drop_p < 1:
+        raise PatchError(f"dare: drop_p must be in [0, 1), got {drop_p}.")
+    generator = torch.Generator().manual_seed(seed)
+    keep = (torch.rand(delta.shape, generator=generator) >= drop_p).to(delta.device)
+    kept = float(keep.float().mean()) if keep.numel() else 1.0
+    return torch.where(keep, delta.float() / (1.0 - drop_p), 0.0), kept

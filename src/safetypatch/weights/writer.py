@@ -1,0 +1,254 @@
+"""Write a model folder tensor by tensor, shaped like a template checkpoint (METHODS.md §5.2, STYLE habit 7).
+
+Role in the streaming engine (``weights.stream``): :class:`CheckpointWriter` is the output side. The output has
+the template's tensors, shapes and storage dtypes (a repaired model is a modified copy of the target), so the
+shard layout (size-capped shards, mergekit's ``TensorWriter`` is the model) and every safetensors header are
+fixed when the writer opens. Each tensor handed to :meth:`CheckpointWriter.add` is cast to the template's dtype
+(fp32 arithmetic is cast only on write, §2.3) and written straight to its place in its shard, so the writer
+buffers no shard: memory follows the tensor in flight, not the shard size. :meth:`CheckpointWriter.finish` copies
+the tensors nobody wrote from the template (:meth:`CheckpointWriter.copy_rest`), checks the written headers, writes
+the index, copies config, generation config, tokenizer and chat template files, and moves the folder into place
+atomically; on any error nothing is left at the output path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from safetypatch.errors import ConfigError, ModelError, ModelMismatchError
+from safetypatch.utils.io import atomic_path
+from safetypatch.weights.reader import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE, CheckpointReader, TensorInfo
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # METHODS.md §5.2
+# Files of the template that describe the model rather than its weights: copied when present.
+METADATA_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+    "chat_template.json", "preprocessor_config.json", "processor_config.json",
+)
+METADATA_FOLDERS = ("additional_chat_templates",)
+
+
+class CheckpointWriter:
+    """Write a model folder shaped like ``template`` one tensor at a time.
+
+    Use it as a context manager and call :meth:`finish` inside it; leaving the block by an exception (or without
+    :meth:`finish`) removes everything written.
+
+    Args:
+        folder: the output model folder.
+        template: the checkpoint folder whose tensor names, shapes and dtypes the output has, and whose config and
+            tokenizer files are copied (normally ``target_model``).
+        max_shard_bytes: the largest shard; a tensor bigger than this gets a shard of its own.
+        overwrite: replace an existing ``folder``.
+
+    Raises:
+        OutputExistsError: ``folder`` exists and ``overwrite`` is false.
+        ConfigError: ``max_shard_bytes`` is not positive.
+        ModelError: ``template`` cannot be read.
+    """
+
+    def __init__(self, folder: Path, *, template: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                 overwrite: bool = False) -> None:
+        if max_shard_bytes < 1:
+            raise ConfigError(f"CheckpointWriter({folder}): max_shard_bytes must be positive, got {max_shard_bytes}.")
+        self.folder = Path(folder)
+        self.template = CheckpointReader(template)
+        self._output = atomic_path(self.folder, overwrite)
+        self._tmp = self._output.__enter__()
+        self._written: set[str] = set()
+        self._open = True
+        try:
+            self._tmp.mkdir()
+            self._shards = _shard_layout(self.template, max_shard_bytes)
+            self._places = _write_headers(self._tmp, self._shards)
+        except BaseException:
+            self.abort()
+            raise
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if not self._open:
+            return
+        self.abort()
+        if exc_type is None:
+            raise ModelError(f"CheckpointWriter({self.folder}) was closed without finish(); nothing was written. "
+                             "Call finish() at the end of the with block.")
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one tensor, cast to the template's dtype, straight into its shard.
+
+        Args:
+            name: a tensor name of the template.
+            tensor: its new value (any float dtype, any device; fp32 results are cast here).
+
+        Raises:
+            ModelError: ``name`` is not in the template or was already written, or ``tensor`` holds NaN or Inf
+                (checked after the cast, so an overflow of the storage dtype is caught too).
+            ModelMismatchError: ``tensor`` has another shape than the template's.
+        """
+        self._write(name, tensor.detach(), check_finite=True)
+
+    def copy_rest(self, reader: CheckpointReader) -> int:
+        """Copy from ``reader`` every template tensor not written yet (norms, embeddings a method leaves alone).
+
+        Args:
+            reader: a checkpoint with the template's names and shapes (normally the template itself).
+
+        Returns:
+            How many tensors were copied.
+
+        Raises:
+            ModelError: ``reader`` lacks a tensor that is still missing from the output.
+            ModelMismatchError: a copied tensor has another shape than the template's.
+        """
+        missing = [name for name in self.template.names() if name not in self._written]
+        for name in missing:
+            self._write(name, reader.get(name), check_finite=False)
+        return len(missing)
+
+    def finish(self, extra_files: Mapping[str, str] | None = None) -> Path:
+        """Complete the folder and move it into place.
+
+        Args:
+            extra_files: file name → text written at the top of the folder (a method's report, a manifest).
+
+        Returns:
+            The output folder.
+
+        Raises:
+            ConfigError: an extra file name is not a plain file name or names a file the folder already has.
+            ModelError: the written shards do not read back with the template's names, shapes and dtypes.
+        """
+        self._require_open()
+        try:
+            copied = self.copy_rest(self.template)
+            if len(self._shards) > 1:
+                weight_map = {name: file for file, infos in self._shards.items() for name in infos}
+                total = sum(info.nbytes for infos in self._shards.values() for info in infos.values())
+                document = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+                (self._tmp / INDEX_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+            self._check_headers()
+            self._copy_metadata()
+            self._write_extra(extra_files or {})
+        except BaseException:
+            self.abort()
+            raise
+        self._open = False
+        self._output.__exit__(None, None, None)  # moves the folder into place
+        logger.info("wrote %s (%d tensors, %d copied unchanged from %s, %d shards)", self.folder,
+                    len(self._written), copied, self.template.folder, len(self._shards))
+        return self.folder
+
+    def abort(self) -> None:
+        """Remove everything written; the output path is left as it was."""
+        if self._open:
+            self._open = False
+            # atomic_path removes its temporary folder, and moves nothing into place, when an exception reaches it.
+            self._output.__exit__(_Aborted, _Aborted(), None)
+
+    def _require_open(self) -> None:
+        if not self._open:
+            raise ModelError(f"CheckpointWriter({self.folder}) is finished or aborted; open a new one to write.")
+
+    def _write(self, name: str, tensor: torch.Tensor, *, check_finite: bool) -> None:
+        self._require_open()
+        if name not in self._places:
+            close = difflib.get_close_matches(name, self._places, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ModelError(f"tensor {name!r} is not in the template {self.template.folder}, so {self.folder} "
+                             f"would not load as that model.{hint}")
+        if name in self._written:
+            raise ModelError(f"tensor {name} was already written to {self.folder}; each tensor is written once.")
+        file, start, info = self._places[name]
+        if tuple(tensor.shape) != info.shape:
+            raise ModelMismatchError(f"tensor {name} for {self.folder} is {tuple(tensor.shape)}, but the template "
+                                     f"{self.template.folder} has {info.shape}.")
+        data = tensor.to(device="cpu", dtype=info.dtype).contiguous()
+        if check_finite and data.is_floating_point() and not bool(torch.isfinite(data).all()):
+            raise ModelError(f"tensor {name} for {self.folder} contains NaN or Inf as {info.dtype}; the computation "
+                             "that produced it diverged or overflows the storage dtype (check its inputs and "
+                             "strength). It was not written.")
+        with (self._tmp / file).open("r+b") as fh:
+            fh.seek(start)
+            fh.write(data.reshape(-1).view(torch.uint8).numpy().data)
+        self._written.add(name)
+
+    def _check_headers(self) -> None:
+        """The shards must parse back (our own header writing) with exactly the template's tensors."""
+        written = CheckpointReader(self._tmp)
+        for name in self.template.names():
+            want = self.template.info(name)
+            got = written.info(name) if name in written else None
+            if got is None or (got.dtype, got.shape) != (want.dtype, want.shape):
+                raise ModelError(f"{self.folder}: tensor {name} reads back as {got}, expected {want}. Please "
+                                 "report this bug.")
+
+    def _copy_metadata(self) -> None:
+        for file in METADATA_FILES:
+            if (self.template.folder / file).is_file():
+                shutil.copy2(self.template.folder / file, self._tmp / file)
+        for sub in METADATA_FOLDERS:
+            if (self.template.folder / sub).is_dir():
+                shutil.copytree(self.template.folder / sub, self._tmp / sub)
+
+    def _write_extra(self, extra_files: Mapping[str, str]) -> None:
+        for file, text in extra_files.items():
+            if Path(file).name != file or file in ("", ".", ".."):
+                raise ConfigError(f"extra file {file!r} for {self.folder} is not a plain file name; give a name such "
+                                  "as 'restore.json' (extra files are written at the top of the model folder).")
+            if (self._tmp / file).exists():
+                raise ConfigError(f"extra file {file!r} for {self.folder} would replace the file of that name the "
+                                  "checkpoint already has; choose another name.")
+            (self._tmp / file).write_text(text, encoding="utf-8")
+
+
+def _shard_layout(template: CheckpointReader, max_shard_bytes: int) -> dict[str, dict[str, TensorInfo]]:
+    """Shard file name → (tensor name → its info in that shard), filling shards in the template's storage order."""
+    groups: list[dict[str, TensorInfo]] = [{}]
+    size = 0
+    for name in template.names():
+        info = template.info(name)
+        if groups[-1] and size + info.nbytes > max_shard_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][name] = TensorInfo("", info.dtype, info.shape, size, info.nbytes)
+        size += info.nbytes
+    if len(groups) == 1:
+        return {SINGLE_FILE: groups[0]}
+    n = len(groups)
+    return {f"model-{i:05d}-of-{n:05d}.safetensors": group for i, group in enumerate(groups, start=1)}
+
+
+class _Aborted(Exception):
+    """Thrown into ``atomic_path`` so that it discards the partial output."""
+
+
+def _write_headers(folder: Path, shards: dict[str, dict[str, TensorInfo]]) -> dict[str, tuple[str, int, TensorInfo]]:
+    """Create every shard at its final size with its header; return name → (file, absolute offset, info)."""
+    places = {}
+    for file, infos in shards.items():
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        for name, info in infos.items():
+            header[name] = {"dtype": DTYPE_NAMES[info.dtype], "shape": list(info.shape),
+                            "data_offsets": [info.offset, info.offset + info.nbytes]}
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+        data_start = 8 + len(raw)
+        with (folder / file).open("wb") as fh:
+            fh.write(len(raw).to_bytes(8, "little"))
+            fh.write(raw)
+            fh.truncate(data_start + sum(info.nbytes for info in infos.values()))
+        places.update({name: (file, data_start + info.offset, info) for name, info in infos.items()})
+    return places
