@@ -9,6 +9,11 @@ import torch
 
 from safetypatch.errors import PatchError
 from safetypatch.weights.linalg import (
+    cumulative_entropy,
+    dare,
+    entropy_rank,
+    entropy_ratios,
+    fix_column_signs,
     fix_signs,
     lora_delta,
     lora_scaling,
@@ -16,6 +21,7 @@ from safetypatch.weights.linalg import (
     orthonormal_basis,
     project_columns,
     project_rows,
+    psd_eigh,
     top_singular,
 )
 
@@ -146,3 +152,60 @@ def test_low_rank_factors_exact_and_truncated_error():
     padded = low_rank_factors(W, 20)  # more than min(d_out, d_in): zero columns keep the requested rank
     assert padded.B.shape == (12, 20) and padded.error < 1e-5
     assert low_rank_factors(torch.zeros(3, 3), 1).error == 0.0
+
+
+def test_fix_column_signs_matches_fix_signs_on_the_left_vectors():
+    U = torch.randn(8, 3, generator=torch.Generator().manual_seed(2))
+    fixed = fix_column_signs(-U)
+    assert torch.equal(fixed, fix_signs(-U, U)[0])
+    assert bool((fixed.gather(0, fixed.abs().argmax(0, keepdim=True)) > 0).all())
+
+
+def test_psd_eigh_is_descending_clamped_and_reconstructs():
+    X = torch.randn(6, 3, generator=torch.Generator().manual_seed(4))
+    G = X @ X.T  # rank 3: three eigenvalues are zero up to rounding
+    evals, Q = psd_eigh(G)
+    assert bool((evals[:-1] >= evals[1:]).all()) and bool((evals >= 0).all())
+    torch.testing.assert_close(Q @ torch.diag(evals) @ Q.T, G, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(Q.T @ Q, torch.eye(6), rtol=0, atol=1e-5)
+    assert torch.equal(psd_eigh(G)[1], fix_column_signs(Q))
+    with pytest.raises(PatchError, match="square"):
+        psd_eigh(torch.zeros(2, 3))
+
+
+def test_entropy_curve_and_rank_match_the_worked_example():
+    """METHODS.md §3.4 test (c): σ = (2, 1, 1) → p = (2/3, 1/6, 1/6), H_ρ/H_n = (0.31157, 0.65579, 1)."""
+    S = torch.tensor([2.0, 1.0, 1.0])
+    p = torch.tensor([2 / 3, 1 / 6, 1 / 6])
+    H = cumulative_entropy(S)
+    torch.testing.assert_close(H[-1], -(p * p.log()).sum(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(entropy_ratios(S), torch.tensor([0.31157, 0.65579, 1.0]), rtol=0, atol=1e-5)
+    assert [entropy_rank(S, eta) for eta in (0.3, 0.5, 0.9, 1.0)] == [1, 2, 3, 3]
+
+
+def test_entropy_rank_conventions_and_errors():
+    assert entropy_rank(torch.tensor([3.0, 0.0, 0.0]), 0.99) == 1  # H_n = 0 → r = 1
+    assert entropy_rank(torch.zeros(4), 0.5) == 1
+    assert entropy_ratios(torch.tensor([1.0, 1.0, 0.0]))[-2] == 1.0  # 0·log 0 = 0: the trailing zero adds nothing
+    with pytest.raises(PatchError, match="eta"):
+        entropy_rank(torch.ones(3), 0.0)
+    with pytest.raises(PatchError, match="at least one"):
+        entropy_rank(torch.zeros(0), 0.5)
+
+
+def test_dare_keeps_rescaled_entries_is_seeded_and_unbiased():
+    delta = torch.randn(200, 300, generator=torch.Generator().manual_seed(5))
+    out, kept = dare(delta, 0.3, seed=11)
+    kept_mask = out != 0
+    torch.testing.assert_close(out[kept_mask], delta[kept_mask] / 0.7, rtol=1e-6, atol=0)
+    assert abs(kept - 0.7) < 0.01 and kept == float(kept_mask.float().mean())
+    assert torch.equal(dare(delta, 0.3, seed=11)[0], out)
+    assert not torch.equal(dare(delta, 0.3, seed=12)[0], out)
+    # E[δ̃] = δ: averaged over seeds, the estimate's error shrinks like √(p / ((1 − p)·n))
+    mean = torch.stack([dare(delta[:20, :20], 0.3, seed)[0] for seed in range(400)]).mean(0)
+    tolerance = 4 * math.sqrt(0.3 / 0.7 / 400) * float(delta[:20, :20].abs().max())
+    assert float((mean - delta[:20, :20]).abs().max()) < tolerance
+    zero, kept = dare(delta, 0.0, seed=1)
+    assert torch.equal(zero, delta) and kept == 1.0
+    with pytest.raises(PatchError, match="drop_p"):
+        dare(delta, 1.0, seed=0)
