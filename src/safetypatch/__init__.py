@@ -11,8 +11,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "apply_patch", "ApplyConfig", "demo", "DemoConfig", "evaluate", "EvalConfig", "finetune", "FinetuneConfig",
-    "list_models", "list_datasets", "list_tasks", "load_dataset", "load_model", "train_patch", "TrainConfig",
+    "apply_patch", "ApplyConfig", "demo", "DemoConfig", "evaluate", "EvalConfig", "extract", "ExtractJob", "finetune",
+    "FinetuneConfig", "list_models", "list_datasets", "list_tasks", "load_dataset", "load_model", "restore",
+    "RestoreJob", "train_patch", "TrainConfig",
 }
 
 

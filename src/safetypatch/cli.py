@@ -321,6 +321,83 @@ def apply(
 
 @app.command()
 @_friendly
+def restore(
+    config: ConfigOpt = None,
+    method: Annotated[str | None, typer.Option(help="lssf, resta, safe_lora or lox.")] = None,
+    set_: Annotated[str | None, typer.Option("--set", help="Method settings, e.g. eta=0.8,alpha=1.5.")] = None,
+    base_model: Annotated[str | None, typer.Option(help="Unaligned base (Safe LoRA, LoX, LSSF data-free).")] = None,
+    aligned_model: Annotated[str | None, typer.Option(help="Safety-aligned model (every method).")] = None,
+    unsafe_model: Annotated[str | None, typer.Option(help="Aligned model tuned on harmful data.")] = None,
+    target_model: Annotated[str | None, typer.Option(help="Fine-tune to repair (Safe LoRA: or an adapter).")] = None,
+    scope: Annotated[str | None, typer.Option(help="Tensors touched: linear or all_2d.")] = None,
+    module_map: Annotated[str | None, typer.Option(help="model_type=regex of linear weight names.")] = None,
+    n_anchors: Annotated[int | None, typer.Option(help="LSSF anchor prompts.")] = None,
+    anchor_dataset: Annotated[str | None, typer.Option(help="LSSF anchor set (train half).")] = None,
+    anchor_seed: Annotated[int | None, typer.Option(help="Seed of the anchor sample.")] = None,
+    anchor_max_new_tokens: Annotated[int | None, typer.Option(help="Length of the anchor refusals.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Dtype of the model writing anchor refusals.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Repaired model or adapter folder.")] = None,
+    dry_run: Annotated[bool | None, typer.Option("--dry-run", help="Print the plan; write nothing.")] = None,
+    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace an existing output.")] = None,
+) -> None:
+    """Repair a fine-tuned model's safety post hoc (LSSF, RESTA, Safe LoRA, LoX), streaming the checkpoints."""
+    from safetypatch import api
+    from safetypatch.config import load_config
+
+    cfg = load_config(api.RestoreJob, config, dict(
+        method=method, params=_pairs(set_), base_model=base_model, aligned_model=aligned_model,
+        unsafe_model=unsafe_model, target_model=target_model, scope=scope, module_map=_pairs(module_map),
+        n_anchors=n_anchors, anchor_dataset=anchor_dataset, anchor_seed=anchor_seed,
+        anchor_max_new_tokens=anchor_max_new_tokens, dtype=dtype, output=output, dry_run=dry_run,
+        overwrite=overwrite))
+    console.print(f"[bold]safetypatch restore[/] {cfg.method} -> {cfg.output}" + (" (dry run)" if cfg.dry_run else ""))
+    with _progress() as bar:
+        bars: dict[str, Any] = {}
+
+        def report(what: str, done: int, total: int) -> None:
+            bars.setdefault(what, bar.add_task(what, total=total))
+            bar.update(bars[what], completed=done, total=total)
+
+        result = api.restore(cfg, progress=report)
+    if result.run.dry_run:
+        out.print(result.run.describe())
+        return
+    out.print(_restored_table(result))
+    console.print(f"[green]done[/] in {result.seconds:.1f} s: {result.output}")
+
+
+@app.command()
+@_friendly
+def extract(
+    config: ConfigOpt = None,
+    target: Annotated[str | None, typer.Option(help="Model whose difference is extracted.")] = None,
+    reference: Annotated[str | None, typer.Option(help="Model the patch applies to.")] = None,
+    rank: Annotated[int | None, typer.Option(help="LoRA rank of every module.")] = None,
+    module_map: Annotated[str | None, typer.Option(help="model_type=regex of linear weight names.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Patch folder.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Dtype of the reference the patch is checked on.")] = None,
+    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace an existing patch.")] = None,
+) -> None:
+    """Turn a weight delta (target - reference) into a LoRA patch of a chosen rank by SVD, with its error."""
+    from safetypatch import api
+    from safetypatch.config import load_config
+
+    cfg = load_config(api.ExtractJob, config, dict(
+        target=target, reference=reference, rank=rank, module_map=_pairs(module_map), output=output, dtype=dtype,
+        overwrite=overwrite))
+    console.print(f"[bold]safetypatch extract[/] {cfg.target} - {cfg.reference}, rank {cfg.rank} -> {cfg.output}")
+    with console.status("streaming the two checkpoints, factoring and verifying the patch..."):
+        result = api.extract(cfg)
+    worst = max(result.errors, key=result.errors.__getitem__)
+    rows = {"modules": f"{len(result.errors)} ({len(result.unchanged)} unchanged, left out)",
+            "rank": str(result.rank), "relative error (overall)": f"{result.error:.3g}",
+            "worst module": f"{worst} ({result.errors[worst]:.3g})", "seconds": f"{result.seconds:.1f}",
+            "output": str(result.path)}
+    out.print(_key_value_table("extracted", rows))
+
+
+@app.command()
+@_friendly
 def report(
     results: Annotated[list[Path], typer.Argument(help="Results JSON files (first = the 'before').")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path("report.html"),
@@ -368,7 +445,25 @@ def _applied_table(result: Any) -> Table:
         "max logit change": f"{result.max_logit_change:.3g}", "fingerprint": fingerprint,
         "output": str(result.output or "-"),
     }
-    table = Table(show_header=False, title="applied")
+    return _key_value_table("applied", rows)
+
+
+def _restored_table(result: Any) -> Table:
+    """The summary of ``safetypatch restore``: what changed, LSSF's mean rank, time and output."""
+    summary = result.summary
+    skipped = ", ".join(f"{n} {reason}" for reason, n in summary["skipped"].items()) or "none"
+    rows = {"method": result.run.method, "tensors changed": f"{summary['changed']} of {summary['tensors']}",
+            "skipped": skipped}
+    if result.mean_rank is not None:
+        rows["mean rank (LSSF)"] = f"{result.mean_rank:.1f}"
+    if result.anchors:
+        rows["anchors"] = str(len(result.anchors))
+    rows.update({"seconds": f"{result.seconds:.1f}", "output": f"{result.output} ({result.run.kind})"})
+    return _key_value_table("restored", rows)
+
+
+def _key_value_table(title: str, rows: dict[str, str]) -> Table:
+    table = Table(show_header=False, title=title)
     for key, value in rows.items():
         table.add_row(key, value)
     return table

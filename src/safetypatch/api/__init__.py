@@ -6,15 +6,17 @@ from safetypatch.api.apply import AppliedModel, ApplyConfig, apply_patch
 from safetypatch.api.demo import DemoConfig, DemoResult, demo
 from safetypatch.api.evaluate import EvalConfig, EvalResult, evaluate
 from safetypatch.api.finetune import FinetuneConfig, FinetuneResult, finetune
+from safetypatch.api.restore import ExtractJob, ExtractResult, RestoreJob, RestoreResult, extract, restore
 from safetypatch.api.train import TrainConfig, TrainPatchResult, train_patch
 from safetypatch.data.catalog import list_datasets, load_dataset
 from safetypatch.models.loading import load_model
 from safetypatch.models.resolve import CatalogEntry, list_catalog
 
 __all__ = [
-    "AppliedModel", "ApplyConfig", "DemoConfig", "DemoResult", "EvalConfig", "EvalResult", "FinetuneConfig",
-    "FinetuneResult", "TrainConfig", "TrainPatchResult", "apply_patch", "demo", "evaluate", "finetune",
-    "list_datasets", "list_models", "list_tasks", "load_dataset", "load_model", "train_patch",
+    "AppliedModel", "ApplyConfig", "DemoConfig", "DemoResult", "EvalConfig", "EvalResult", "ExtractJob",
+    "ExtractResult", "FinetuneConfig", "FinetuneResult", "RestoreJob", "RestoreResult", "TrainConfig",
+    "TrainPatchResult", "apply_patch", "demo", "evaluate", "extract", "finetune", "list_datasets", "list_models",
+    "list_tasks", "load_dataset", "load_model", "restore", "train_patch",
 ]
 
 

@@ -1,0 +1,124 @@
+"""The restoration experiment of issue 5 (item 4) on the embedded model, composed from the public API.
+
+    aligned    = SmolLM2-135M-Instruct with a safety patch merged          (safetypatch.apply_patch)
+    unsafe     = aligned fine-tuned on harmful Q/A (harmful-qa)            (safetypatch.finetune)
+    downstream = aligned fine-tuned on a benign task (arith), LoRA merged  (safetypatch.finetune)
+    downstream LoRA = downstream − aligned as a rank-r adapter              (safetypatch.extract; exact up to rounding,
+                                                                             since a merged rank-r LoRA is rank r)
+    repaired   = downstream restored with LSSF, RESTA (checkpoints) and Safe LoRA (the adapter; base_model = the
+                 unpatched model, so V = the safety patch's ΔW)          (safetypatch.restore)
+
+Every model is then evaluated on the same tasks (safety, over-refusal, the downstream task, capability) and one
+HTML report compares them, plus a Markdown summary with the share of lost refusal each method recovers.
+
+Each step writes one folder under ``--output-dir`` and is skipped when that folder exists, so an interrupted run
+resumes where it stopped; delete a folder to redo its step (and the steps after it).
+
+    python examples/restoration_experiment.py --patch runs/patch --output-dir runs/restoration
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import safetypatch
+from safetypatch.eval.results import read_results
+from safetypatch.report import compare, summarize, write_report
+
+TASKS = ["harmbench", "advbench", "xstest-safe", "benign-edgy", "arith", "arc-easy", "hellaswag", "piqa", "mmlu"]
+HARMFUL = ("harmbench", "advbench")
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    out: Path = args.output_dir
+    aligned, unsafe, downstream = out / "aligned", out / "unsafe", out / "downstream"
+    adapter = out / "downstream-lora"
+    repaired = {"LSSF": out / "lssf", "RESTA": out / "resta", "Safe LoRA": out / "safe-lora"}
+    roles = {"aligned_model": str(aligned), "unsafe_model": str(unsafe), "target_model": str(downstream)}
+    steps: list[tuple[str, Path, Callable[[], object]]] = [
+        ("merge the safety patch -> aligned", aligned, lambda: safetypatch.apply_patch(safetypatch.ApplyConfig(
+            model=args.model, patches=[args.patch], mode="merge", output=aligned))),
+        ("fine-tune aligned on harmful-qa -> unsafe", unsafe, lambda: safetypatch.finetune(safetypatch.FinetuneConfig(
+            model=str(aligned), dataset="harmful-qa", n=args.n_harmful, output=unsafe))),
+        ("fine-tune aligned on arith -> downstream", downstream, lambda: safetypatch.finetune(
+            safetypatch.FinetuneConfig(model=str(aligned), dataset="arith", n=args.n_task, output=downstream))),
+        ("extract downstream - aligned as a LoRA", adapter, lambda: safetypatch.extract(safetypatch.ExtractJob(
+            target=str(downstream), reference=str(aligned), rank=args.lora_rank, output=adapter))),
+        ("restore with LSSF", repaired["LSSF"], lambda: safetypatch.restore(safetypatch.RestoreJob(
+            method="lssf", n_anchors=args.n_anchors, output=repaired["LSSF"], **roles))),
+        ("restore with RESTA", repaired["RESTA"], lambda: safetypatch.restore(safetypatch.RestoreJob(
+            method="resta", output=repaired["RESTA"], **roles))),
+        ("restore the LoRA with Safe LoRA", repaired["Safe LoRA"], lambda: safetypatch.restore(safetypatch.RestoreJob(
+            method="safe_lora", base_model=args.model, aligned_model=str(aligned), target_model=str(adapter),
+            output=repaired["Safe LoRA"]))),
+    ]
+    evaluated = {"aligned": (aligned, None), "unsafe": (unsafe, None), "downstream (no repair)": (downstream, None),
+                 "LSSF": (repaired["LSSF"], None), "RESTA": (repaired["RESTA"], None),
+                 "Safe LoRA": (aligned, repaired["Safe LoRA"])}
+    for label, (model, patch) in evaluated.items():
+        folder = out / "eval" / _slug(label)
+        steps.append((f"evaluate {label}", folder, lambda m=model, p=patch, f=folder: safetypatch.evaluate(
+            safetypatch.EvalConfig(model=str(m), adapter=p, tasks=TASKS, limit=args.limit, output_dir=f))))
+    print(f"restoration experiment on {args.model} with patch {args.patch} -> {out}")
+    for index, (name, folder, _) in enumerate(steps, start=1):
+        print(f"  {index:2d}. {name}  [{folder}]" + ("  (done, skipped)" if folder.exists() else ""))
+    for index, (name, folder, run) in enumerate(steps, start=1):
+        if folder.exists():
+            continue
+        print(f"step {index}/{len(steps)}: {name}", flush=True)
+        run()
+    results = {label: _results(out / "eval" / _slug(label)) for label in evaluated}
+    report = write_report(list(results.values()), out / "report.html", labels=list(results),
+                          title=f"Post-hoc safety restoration on {args.model}", overwrite=True)
+    summary = _summary(results)
+    (out / "summary.md").write_text(summary, encoding="utf-8")
+    print(summary)
+    print(f"report: {report}")
+
+
+def _summary(results: dict[str, Path]) -> str:
+    """The per-run headline table and, per repair, the share of the refusal lost to fine-tuning that it recovers."""
+    summary = summarize(compare([read_results(path) for path in results.values()], list(results)))
+    refusal = {run.label: run.harmful_refusal.value if run.harmful_refusal else None for run in summary.runs}
+    lines = [summary.to_markdown(), ""]
+    aligned, lost = refusal["aligned"], refusal["downstream (no repair)"]
+    if aligned is None or lost is None or aligned <= lost:
+        lines.append(f"Fine-tuning did not lower refusal on {', '.join(HARMFUL)} (aligned {aligned}, downstream "
+                     f"{lost}); there is nothing to recover.")
+    for label in ("LSSF", "RESTA", "Safe LoRA"):
+        if aligned is not None and lost is not None and aligned > lost and refusal[label] is not None:
+            share = (refusal[label] - lost) / (aligned - lost)
+            lines.append(f"- {label}: recovers {100 * share:.0f}% of the refusal lost to fine-tuning.")
+    return "\n".join(lines) + "\n"
+
+
+def _results(folder: Path) -> Path:
+    found = sorted(folder.rglob("results_*.json"))
+    if not found:
+        raise SystemExit(f"{folder} holds no results_*.json; delete the folder to rerun its evaluation.")
+    return found[-1]
+
+
+def _slug(label: str) -> str:
+    """``downstream (no repair)`` → ``downstream``, ``Safe LoRA`` → ``safe-lora``."""
+    return label.split(" (")[0].lower().replace(" ", "-")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patch", type=Path, required=True, help="Safety patch folder (safetypatch train -o ...).")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="Model the patch was trained on.")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/restoration"), help="Run folder.")
+    parser.add_argument("--n-harmful", type=int, default=400, help="harmful-qa rows of the unsafe fine-tune.")
+    parser.add_argument("--n-task", type=int, default=400, help="arith rows of the downstream fine-tune.")
+    parser.add_argument("--lora-rank", type=int, default=8, help="Rank of the downstream LoRA (the recipe's r).")
+    parser.add_argument("--n-anchors", type=int, default=128, help="LSSF anchor prompts.")
+    parser.add_argument("--limit", type=int, default=100, help="Most rows per evaluation task.")
+    return parser
+
+
+if __name__ == "__main__":
+    main()
