@@ -31,12 +31,15 @@ class TrainConfig(StrictConfig):
     recipe_overrides: dict[str, Any] = Field(default_factory=dict, description="PatchRecipe fields that win.")
     full: bool = Field(False, description="Full-parameter Refusal-SFT, the baseline of Mou et al.: sets recipe "
                                           "mode=full and writes a complete model folder.")
-    harmful: list[str] = Field(["harmbench", "advbench", "strongreject"], description="Harmful sets (train halves).")
-    n_harmful: int | None = Field(100, gt=0, description="Most harmful prompts per set.")
+    harmful: list[str] = Field(
+        ["harmbench", "advbench", "strongreject", "xstest-unsafe", "contrast-harmful"],
+        description="Harmful sets (train halves), each prompt paired with a refusal (docs/patches.md).")
+    n_harmful: int | None = Field(80, gt=0, description="Most harmful prompts per set.")
     retain: list[str] = Field(
-        ["xstest-safe", "benign-edgy"],
-        description="Benign sets (train halves) whose first recipe.retain_count prompts the model answers itself.")
-    retain_max_new_tokens: int = Field(40, gt=0, description="Length of the model's own retain answers.")
+        ["xstest-safe", "contrast-benign", "benign-edgy", "chat"],
+        description="Benign sets (train halves) whose first recipe.retain_count prompts the model answers itself: "
+                    "look-alikes of harmful requests (docs/patches.md).")
+    retain_max_new_tokens: int = Field(32, gt=0, description="Length of the model's own retain answers.")
     output: Path = Field(Path("runs/patch"), description="Patch folder (PEFT adapter + safety_patch.json; full "
                                                          "mode: a complete model folder + safety_patch.json).")
     overwrite: bool = Field(False, description="Replace an existing patch folder.")

@@ -74,18 +74,19 @@ def finetune_recipe(name: str, mode: Literal["lora", "full"], overrides: Mapping
         The validated recipe.
 
     Raises:
-        ConfigError: an invalid recipe, ``overrides`` naming another mode, or a refusal-only field
-            (``think``, ``refusal_seed``, ``retain_count``, ``retain_weight``) set away from its default.
+        ConfigError: an invalid recipe, ``overrides`` naming another mode, or an override of a refusal-only field
+            (``think``, ``refusal_seed``, ``retain_count``, ``retain_weight``); a preset's values for those are
+            reset to the defaults, as a fine-tune has no refusal data.
     """
     if "mode" in overrides and overrides["mode"] != mode:
         raise ConfigError(f"recipe_overrides sets mode={overrides['mode']!r} but the fine-tune mode is {mode!r}; "
                           "choose the mode with mode= (CLI --mode) only.")
-    recipe = get_recipe(name, **{**overrides, "mode": mode})
-    unused = [f for f in _REFUSAL_ONLY if getattr(recipe, f) != PatchRecipe.model_fields[f].default]
+    unused = [f for f in _REFUSAL_ONLY if f in overrides]
     if unused:
         raise ConfigError(f"recipe fields {', '.join(unused)} shape refusal-SFT data only; a fine-tune trains on the "
                           "dataset's own responses. Drop them from the recipe overrides.")
-    return recipe
+    defaults = {f: PatchRecipe.model_fields[f].default for f in _REFUSAL_ONLY}
+    return get_recipe(name, **{**overrides, **defaults, "mode": mode})
 
 
 def finetune_examples(dataset: Dataset) -> list[SFTExample]:

@@ -103,7 +103,12 @@ class PatchRecipe(StrictConfig):
 
 
 RECIPES: Registry[dict[str, Any]] = Registry("recipe")
-RECIPES.register("mou", {"r": 8, "target_modules": ALL_LINEAR, "layer_range": None})
+# Mou et al.'s patch shape (rank 8, every linear layer) with the budget measured on SmolLM2-135M on 2 CPU cores
+# (docs/patches.md): one epoch, lr 2e-4, batch 8, and 240 self-answered look-alike prompts at loss weight 1.5.
+RECIPES.register("mou", {
+    "r": 8, "target_modules": ALL_LINEAR, "layer_range": None, "learning_rate": 2e-4, "num_train_epochs": 1,
+    "per_device_train_batch_size": 8, "max_length": 256, "retain_count": 240, "retain_weight": 1.5,
+})
 RECIPES.register("xue", {
     "r": 1, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ("up_proj",), "layer_range": "middle_third",
     "learning_rate": 5e-5, "lr_scheduler_type": "cosine", "warmup_ratio": 0.0, "weight_decay": 1e-4,
