@@ -70,7 +70,7 @@ def test_in_memory_patch_is_saved_and_checked_on_its_base(tmp_path):
     assert all(torch.equal(loaded.factors[m].B, patch.factors[m].B) for m in patch.modules)
     with pytest.raises(PatchError, match="pass model=<base>"):
         save_patch(patch, tmp_path / "q", MANIFEST)
-    with pytest.raises(PatchError, match="save_pretrained"):
+    with pytest.raises(PatchError, match="save_full_model_patch"):
         save_patch(model, tmp_path / "q", MANIFEST)
 
 
