@@ -146,6 +146,28 @@ def test_loss_weights_scale_each_examples_tokens():
     assert n == sum(sum(ex.completion_mask) for ex in data)
 
 
+def test_lead_tokens_weigh_only_the_first_supervised_tokens_of_each_example():
+    model, tok = build_tiny_model("llama")
+    pairs = [SFTExample("a", "No, not that one.", "refusal"), SFTExample("b", "Sure, here it is.", "retain")]
+    data = tokenize_examples(tok, pairs, max_length=64)
+    width = max(len(ex.input_ids) for ex in data)
+    ids = torch.tensor([list(ex.input_ids) + [PAD] * (width - len(ex.input_ids)) for ex in data])
+    labels = torch.tensor([ex.labels + [-100] * (width - len(ex.input_ids)) for ex in data])
+    inputs = {"input_ids": ids, "attention_mask": (labels != -100) | (ids != PAD)}
+    with torch.no_grad():
+        logits = model(**inputs).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="none")  # 0 where -100
+        mask = labels[:, 1:] != -100
+        order = mask.cumsum(dim=1)
+        factor = torch.where(mask & (order <= 3), 5.0, 1.0)
+        expected = float((nll * factor).sum() / mask.sum())
+        weighted, _ = completion_loss(model, dict(inputs), labels, lead_tokens=3, lead_weight=5.0)
+        plain, _ = completion_loss(model, dict(inputs), labels)
+        off, _ = completion_loss(model, dict(inputs), labels, lead_tokens=0, lead_weight=5.0)
+    assert float(weighted) == pytest.approx(expected, rel=1e-5)
+    assert float(weighted) > float(plain) and torch.equal(off, plain)
+
+
 def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
     """batch 4 × accumulation 1 and batch 2 × accumulation 2 make the same optimiser step (TRL invariant style)."""
     deltas = []

@@ -71,17 +71,22 @@ def completion_loss(
     labels: torch.Tensor,
     weights: torch.Tensor | None = None,
     num_items: torch.Tensor | int | None = None,
+    lead_tokens: int = 0,
+    lead_weight: float = 1.0,
 ) -> tuple[torch.Tensor, int]:
     """Σ_t w_t · (−log p(y_t | y_<t)) / N over supervised positions t (METHODS.md §3.1 step 3).
 
     With unit weights and N = the number of supervised tokens this is L_CE of §3.1. Padding is excluded by its
-    −100 label, set by position in the collator, never by token id.
+    −100 label, set by position in the collator, never by token id. The first ``lead_tokens`` supervised tokens of
+    each example weigh ``lead_weight`` times more: whether an answer refuses is decided by its first tokens.
 
     Args:
         model: the causal LM being trained.
         inputs: ``input_ids`` and ``attention_mask``.
         labels: batch × seq, −100 on prompt and padding positions.
         weights: per-example loss weights (batch,), or None for 1.
+        lead_tokens: how many leading supervised tokens of each example get ``lead_weight`` (0: none).
+        lead_weight: the extra factor of those tokens.
         num_items: the normaliser N (the supervised-token count of the whole accumulated batch, as transformers'
             Trainer passes it), or None for this batch's count.
 
@@ -94,6 +99,9 @@ def completion_loss(
     nll = F.cross_entropy(logits.float(), shifted[mask], reduction="none")
     if weights is not None:
         nll = nll * weights.to(nll.dtype)[:, None].expand_as(shifted)[mask]
+    if lead_tokens > 0 and lead_weight != 1.0:
+        lead = mask.cumsum(dim=1)[mask] <= lead_tokens
+        nll = torch.where(lead, nll * lead_weight, nll)
     count = int(mask.sum())
     denominator = torch.as_tensor(num_items if num_items is not None else count, device=nll.device).clamp(min=1)
     return nll.sum() / denominator, count

@@ -70,6 +70,9 @@ class PatchRecipe(StrictConfig):
     refusal_seed: int = Field(0, description="Seed choosing each prompt's refusal text (ours).")
     retain_count: int = Field(0, ge=0, description="Benign prompts answered by the model itself (FINDINGS.md §1).")
     retain_weight: float = Field(1.0, ge=0, description="Loss weight of retain tokens relative to refusals (ours).")
+    lead_tokens: int = Field(0, ge=0, description="Leading completion tokens of every example that weigh lead_weight "
+                                                  "times more: the refuse-or-answer decision (ours; 0 = off).")
+    lead_weight: float = Field(1.0, gt=0, description="Loss factor of the lead_tokens leading tokens (ours).")
     regularizer: RegularizerConfig | None = Field(None, description="Xue's overlap regulariser (§3.2), or none.")
 
     @model_validator(mode="after")

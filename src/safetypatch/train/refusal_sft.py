@@ -160,7 +160,7 @@ def make_trainer(
         trainer = _trainer_class()(
             model=model, args=_sft_config(recipe, output_dir), train_dataset=dataset, processing_class=tokenizer,
             data_collator=_WeightedCollator(_pad_id(tokenizer)), callbacks=[recorder, *(callbacks or [])],
-            regularizer=regularizer,
+            regularizer=regularizer, lead=(recipe.lead_tokens, recipe.lead_weight),
         )
     trainer.remove_callback(PrinterCallback)  # library code reports through `progress`, never stdout
     trainer.recorder = recorder
@@ -298,9 +298,11 @@ def _trainer_class() -> type:
     class RefusalSFTTrainer(SFTTrainer):
         """SFTTrainer whose loss applies the LM head at supervised positions only, plus β Σ R."""
 
-        def __init__(self, *args: Any, regularizer: OverlapRegularizer | None = None, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, regularizer: OverlapRegularizer | None = None,
+                     lead: tuple[int, float] = (0, 1.0), **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.regularizer = regularizer
+            self.lead = lead
             self.tokens_seen = 0
             # Ask Trainer for the supervised-token count of the whole accumulated batch, so the CE is normalised
             # once per optimiser step whatever the accumulation (the loss below divides by it).
@@ -313,7 +315,7 @@ def _trainer_class() -> type:
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             weights = inputs.pop("loss_weight", None)
             labels = inputs.pop("labels")
-            loss, count = completion_loss(model, inputs, labels, weights, num_items_in_batch)
+            loss, count = completion_loss(model, inputs, labels, weights, num_items_in_batch, *self.lead)
             mode = "train" if model.training else "eval"
             self._metrics[mode]["supervised_tokens"].append(float(count))
             if self.regularizer is not None:
