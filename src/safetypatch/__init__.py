@@ -11,9 +11,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "apply_patch", "ApplyConfig", "demo", "DemoConfig", "evaluate", "EvalConfig", "extract", "ExtractJob", "finetune",
-    "FinetuneConfig", "list_models", "list_datasets", "list_tasks", "load_dataset", "load_model", "restore",
-    "RestoreJob", "train_patch", "TrainConfig",
+    "analyze", "AnalyzeConfig", "apply_patch", "ApplyConfig", "demo", "DemoConfig", "evaluate", "EvalConfig",
+    "extract", "ExtractJob", "finetune", "FinetuneConfig", "list_models", "list_datasets", "list_tasks",
+    "load_dataset", "load_model", "restore", "RestoreJob", "train_patch", "TrainConfig",
 }
 
 

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -398,17 +399,76 @@ def extract(
 
 @app.command()
 @_friendly
+def analyze(
+    config: ConfigOpt = None,
+    model: Annotated[str | None, typer.Option(help="W_0: the patch's base, or target's reference.")] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision of --model (Hub ids only).")] = None,
+    patch: Annotated[Path | None, typer.Option("--patch", "-p", help="LoRA patch folder analysed on --model.")] = None,
+    target: Annotated[str | None, typer.Option(help="Checkpoint analysed as target - model (e.g. full FT).")] = None,
+    base_model: Annotated[str | None, typer.Option(help="Unaligned base of --model, for LoX R_align/R_ft.")] = None,
+    rank: Annotated[int | None, typer.Option(help="r of Mou's similarity (default: the adapter's, or 8).")] = None,
+    k: Annotated[int | None, typer.Option(help="k of Xue's overlap (top-k of W_0).")] = None,
+    eta: Annotated[float | None, typer.Option(help="eta of the LSSF entropy rank.")] = None,
+    lox_k: Annotated[int | None, typer.Option(help="k of LoX's R-metrics (with --base-model).")] = None,
+    baseline_draws: Annotated[int | None, typer.Option(help="Random ΔW per module for the baseline.")] = None,
+    baseline_quantile: Annotated[float | None, typer.Option(help="High quantile of the baseline.")] = None,
+    svd_method: Annotated[str | None, typer.Option(help="auto, exact or lowrank (seeded).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of SVDs, baseline draws and prompts.")] = None,
+    module_map: Annotated[str | None, typer.Option(help="model_type=regex of linear weight names.")] = None,
+    hidden_shift: Annotated[bool | None, typer.Option("--hidden-shift/--no-hidden-shift",
+                                                      help="Measure the hidden-state shift.")] = None,
+    n_prompts: Annotated[int | None, typer.Option(help="Prompts per set for the hidden-state shift.")] = None,
+    harmful_set: Annotated[str | None, typer.Option(help="Harmful prompt set (its evaluation half).")] = None,
+    benign_set: Annotated[str | None, typer.Option(help="Benign prompt set (its evaluation half).")] = None,
+    position: Annotated[str | None, typer.Option(help="last (prompt token) or mean (over the prompt).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Dtype of the models run for the hidden-state shift.")] = None,
+    cache: Annotated[bool | None, typer.Option("--cache/--no-cache", help="Keep W_0's SVDs for next time.")] = None,
+    output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o", help="analysis.json + PNGs.")] = None,
+    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace an existing output folder.")] = None,
+) -> None:
+    """Where a patch (or target - model) lives relative to the model's weights, against a random baseline."""
+    from safetypatch import api
+    from safetypatch.config import load_config
+
+    cfg = load_config(api.AnalyzeConfig, config, dict(
+        model=model, revision=revision, patch=patch, target=target, base_model=base_model, rank=rank, k=k, eta=eta,
+        lox_k=lox_k, baseline_draws=baseline_draws, baseline_quantile=baseline_quantile, svd_method=svd_method,
+        seed=seed, module_map=_pairs(module_map), hidden_shift=hidden_shift, n_prompts=n_prompts,
+        harmful_set=harmful_set, benign_set=benign_set, position=position, dtype=dtype, cache=cache,
+        output_dir=output_dir, overwrite=overwrite))
+    what = f"patch {cfg.patch}" if cfg.patch is not None else f"{cfg.target} - {cfg.model}"
+    console.print(f"[bold]safetypatch analyze[/] {what} on {cfg.model} -> {cfg.output_dir}")
+    with _progress() as bar:
+        bars: dict[str, Any] = {}
+
+        def report(what: str, done: int, total: int) -> None:
+            bars.setdefault(what, bar.add_task(what, total=total))
+            bar.update(bars[what], completed=done, total=total)
+
+        result = api.analyze(cfg, progress=report)
+    out.print(_analysis_table(result.document))
+    for line in _shift_lines(result.document):
+        out.print(line)
+    console.print(f"[green]done[/] in {result.seconds:.1f} s: {result.output} (analysis.json, "
+                  f"{len(result.figures)} figures)")
+
+
+@app.command()
+@_friendly
 def report(
-    results: Annotated[list[Path], typer.Argument(help="Results JSON files (first = the 'before').")],
+    results: Annotated[list[Path] | None, typer.Argument(help="Results JSON files (first = the 'before').")] = None,
+    analysis: Annotated[list[Path] | None, typer.Option(
+        "--analysis", help="analysis.json (or its folder) of `safetypatch analyze`; repeat for several.")] = None,
     out_path: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path("report.html"),
     labels: Annotated[str | None, typer.Option(help="Comma-separated labels, one per results file.")] = None,
     title: Annotated[str, typer.Option(help="Page title.")] = "safetypatch report",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report.")] = False,
 ) -> None:
-    """Render results files as one HTML page with tables, plots and protocols."""
+    """Render results files (and subspace analyses) as one HTML page with tables, plots and protocols."""
     from safetypatch.report import write_report
 
-    path = write_report(results, out_path, labels=_split(labels), title=title, overwrite=overwrite)
+    path = write_report(results or [], out_path, labels=_split(labels), title=title, overwrite=overwrite,
+                        analyses=analysis or [])
     console.print(f"[green]wrote[/] {path}")
 
 
@@ -460,6 +520,41 @@ def _restored_table(result: Any) -> Table:
         rows["anchors"] = str(len(result.anchors))
     rows.update({"seconds": f"{result.seconds:.1f}", "output": f"{result.output} ({result.run.kind})"})
     return _key_value_table("restored", rows)
+
+
+def _analysis_table(document: Any) -> Table:
+    """Per module type, the median over layers of each headline metric, similarities next to a random ΔW's."""
+    table = Table(title=escape(f"{document.describe()}: medians over layers"), caption=escape(
+        "[in brackets]: a random ΔW of the same spectrum (Mou: mean of the draws; O_k: exact √(k/d_out)); "
+        "enrichment 1 = random"))
+    table.add_column("module", no_wrap=True)
+    for col in ("layers", "Mou ‖S‖/√r", "Xue O_k", "enrich.", "stable rank", "‖ΔW‖/‖W₀‖", "H-rank"):
+        table.add_column(col)
+
+    def num(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3g}"
+
+    for row in document.module_summary():
+        zero = f" ({row['zero']} zero)" if row["zero"] else ""
+        cells = (row["module"], f"{row['n']}{zero}", f"{num(row['mou_norm'])} [{num(row['mou_norm_random'])}]",
+                 f"{num(row['overlap'])} [{num(row['overlap_random'])}]", num(row["enrichment"]),
+                 num(row["stable_rank"]), num(row["relative_norm"]), num(row["entropy_rank"]))
+        table.add_row(*map(escape, cells))
+    return table
+
+
+def _shift_lines(document: Any) -> list[str]:
+    """One line per prompt set: the hidden-state shift relative to ‖h_0‖, mean over layers and at its largest."""
+    shift = document.hidden_shift
+    if not shift:
+        return []
+    lines = []
+    for kind in shift["sets"]:
+        values = [entry[f"{kind}_relative"] for entry in shift["layers"]]
+        peak = max(range(len(values)), key=values.__getitem__)
+        lines.append(f"hidden-state shift on {kind} prompts: {sum(values) / len(values):.3g} of ‖h_0‖ on average "
+                     f"over layers, largest {values[peak]:.3g} at layer {peak}")
+    return lines
 
 
 def _key_value_table(title: str, rows: dict[str, str]) -> Table:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from safetypatch.api.analyze import AnalyzeConfig, AnalyzeResult, analyze
 from safetypatch.api.apply import AppliedModel, ApplyConfig, apply_patch
 from safetypatch.api.demo import DemoConfig, DemoResult, demo
 from safetypatch.api.evaluate import EvalConfig, EvalResult, evaluate
@@ -13,10 +14,10 @@ from safetypatch.models.loading import load_model
 from safetypatch.models.resolve import CatalogEntry, list_catalog
 
 __all__ = [
-    "AppliedModel", "ApplyConfig", "DemoConfig", "DemoResult", "EvalConfig", "EvalResult", "ExtractJob",
-    "ExtractResult", "FinetuneConfig", "FinetuneResult", "RestoreJob", "RestoreResult", "TrainConfig",
-    "TrainPatchResult", "apply_patch", "demo", "evaluate", "extract", "finetune", "list_datasets", "list_models",
-    "list_tasks", "load_dataset", "load_model", "restore", "train_patch",
+    "AnalyzeConfig", "AnalyzeResult", "AppliedModel", "ApplyConfig", "DemoConfig", "DemoResult", "EvalConfig",
+    "EvalResult", "ExtractJob", "ExtractResult", "FinetuneConfig", "FinetuneResult", "RestoreJob", "RestoreResult",
+    "TrainConfig", "TrainPatchResult", "analyze", "apply_patch", "demo", "evaluate", "extract", "finetune",
+    "list_datasets", "list_models", "list_tasks", "load_dataset", "load_model", "restore", "train_patch",
 ]
 
 

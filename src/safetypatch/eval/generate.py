@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from safetypatch.errors import ConfigError
 from safetypatch.eval.logprobs import eval_mode, pad_left
-from safetypatch.models.chat import END_OF_TURN_TOKENS, end_of_turn_ids
+from safetypatch.models.chat import END_OF_TURN_TOKENS, end_of_turn_ids, render_user_turn
 
 logger = logging.getLogger(__name__)
 
@@ -127,10 +127,7 @@ def render_prompt(tokenizer: Any, prompt: str, protocol: GenerationProtocol) -> 
             "so chat prompts cannot be rendered (a base model?). Use an instruct model, set tokenizer.chat_template, "
             "or set template='none' in the generation protocol to feed prompts as raw text."
         )
-    messages = [{"role": "user", "content": prompt}]
-    if protocol.system_prompt is not None:
-        messages.insert(0, {"role": "system", "content": protocol.system_prompt})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return render_user_turn(tokenizer, prompt, protocol.system_prompt)
 
 
 def prompt_sha256(text: str) -> str:

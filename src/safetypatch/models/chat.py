@@ -1,4 +1,5 @@
-"""Chat-format facts shared by training and evaluation: which tokens end an assistant turn."""
+"""Chat-format facts shared by training, evaluation and analysis: how a user turn is rendered, which tokens end an
+assistant turn."""
 
 from __future__ import annotations
 
@@ -22,3 +23,22 @@ def end_of_turn_ids(tokenizer: Any) -> tuple[int, ...]:
     """Ids of :func:`end_of_turn_markers` (the unknown-token id excluded)."""
     ids = [tokenizer.convert_tokens_to_ids(name) for name in end_of_turn_markers(tokenizer)]
     return tuple(dict.fromkeys(i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id))
+
+
+def render_user_turn(tokenizer: Any, prompt: str, system_prompt: str | None = None) -> str:
+    """The text a chat model sees for one user turn: its chat template with the assistant generation prompt.
+
+    The caller checks that ``tokenizer`` has a chat template (the advice differs by caller).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        prompt: the user turn.
+        system_prompt: a system turn placed before it, or None for none (the template may add its default).
+
+    Returns:
+        The templated prompt, ending with the assistant generation prompt.
+    """
+    messages = [{"role": "user", "content": prompt}]
+    if system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

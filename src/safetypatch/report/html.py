@@ -1,6 +1,7 @@
 """A single self-contained HTML report: summary sentences, summary table, plots (base64 PNG), the full metric table
 and, per run, the protocol the numbers were measured under (METHODS.md §4.5, §5.7: safety numbers are only
-meaningful with their judges, decoding, seeds and data hashes).
+meaningful with their judges, decoding, seeds and data hashes); then one section per subspace analysis (§3.8): its
+per-module summary against the random baseline, its figures and its provenance.
 
 Every string that comes from a results file is HTML-escaped; the page loads no external asset.
 """
@@ -14,8 +15,10 @@ from datetime import datetime, timezone
 from html import escape
 from typing import Any
 
-from safetypatch.errors import DataError
+from safetypatch.analysis import AnalysisDocument
+from safetypatch.errors import ConfigError, DataError
 from safetypatch.eval.results import Results
+from safetypatch.report.analysis import analysis_figures
 from safetypatch.report.plots import bar_chart, scatter_plot
 from safetypatch.report.summary import Summary, SummaryValue, summarize
 from safetypatch.report.tables import ComparisonTable, Row, compare
@@ -41,25 +44,38 @@ PROTOCOL_CONFIG = (("model", "model"), ("revision", "revision"), ("fingerprint",
                    ("judges", "judges (id → metadata, calibration)"), ("data", "data (name → sha256, source)"))
 
 
-def render_html(results: list[Results], labels: list[str] | None = None, title: str = "safetypatch report") -> str:
-    """Render one self-contained HTML page comparing evaluated runs.
+def render_html(results: list[Results], labels: list[str] | None = None, title: str = "safetypatch report",
+                analyses: Sequence[AnalysisDocument] = ()) -> str:
+    """Render one self-contained HTML page comparing evaluated runs, then one section per subspace analysis.
 
     Args:
-        results: read results files; the first is the "before" that deltas are taken against.
+        results: read results files; the first is the "before" that deltas are taken against (may be empty when
+            ``analyses`` are given).
         labels: display labels, one per file; default the model plus the adapter name (``tables.run_label``).
         title: page title.
+        analyses: read analysis documents (``safetypatch.analysis.read_analysis``).
 
     Returns:
         The HTML document.
 
     Raises:
-        ConfigError: no results, or bad labels.
+        ConfigError: neither results nor analyses, or bad labels.
         DataError: two files disagree on a metric's direction.
     """
+    if not results and not analyses:
+        raise ConfigError("nothing to report: give results files of `safetypatch eval`, analyses of "
+                          "`safetypatch analyze` (--analysis), or both.")
+    body = [f"<h1>{escape(title)}</h1>", *(_results_sections(results, labels) if results else []),
+            *(analysis_section(doc) for doc in analyses)]
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{escape(title)}</title>\n'
+            f"<style>{CSS}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
+
+
+def _results_sections(results: list[Results], labels: list[str] | None) -> list[str]:
+    """Summary, plots, the full metric table and the protocols of the evaluated runs."""
     table = compare(results, labels)
     summary = summarize(table)
-    body = [
-        f"<h1>{escape(title)}</h1>",
+    return [
         f'<p class="note">{len(results)} run(s); deltas (Δ) are against the first run, '
         f"<b>{escape(table.labels[0])}</b>. ± is half the width of the 95% CI (the file's bootstrap CI, else "
         "1.96·stderr); n is the number of judged samples.</p>",
@@ -71,8 +87,37 @@ def render_html(results: list[Results], labels: list[str] | None = None, title: 
         '<p class="note">Safety numbers are only comparable under the same judges, decoding, data and seeds.</p>',
         *(_protocol(run, label) for run, label in zip(results, table.labels, strict=True)),
     ]
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{escape(title)}</title>\n'
-            f"<style>{CSS}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
+
+
+def analysis_section(doc: AnalysisDocument) -> str:
+    """One subspace analysis: what was compared, the per-module medians next to a random ΔW's, the figures and the
+    provenance (config, fingerprints, patch hashes, prompt sets, versions)."""
+    head = "".join(f"<th>{escape(name)}</th>" for name in (
+        "module", "layers", "Mou ‖S‖_F/√r [random]", "Xue O_k [random]", "enrichment", "stable rank", "‖ΔW‖/‖W₀‖",
+        "entropy rank"))
+    rows = []
+    for row in doc.module_summary():
+        cells = [escape(row["module"]), f"{row['n']}" + (f" ({row['zero']} zero)" if row["zero"] else ""),
+                 f"{_num(row['mou_norm'])} [{_num(row['mou_norm_random'])}]",
+                 f"{_num(row['overlap'])} [{_num(row['overlap_random'])}]",
+                 *(_num(row[key]) for key in ("enrichment", "stable_rank", "relative_norm", "entropy_rank"))]
+        rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    figures = [f'<img alt="{escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+               for name, png in analysis_figures(doc).items()]
+    provenance = {"analysis file": str(doc.path), "source": doc.data["source"], "config": doc.data["config"],
+                  **doc.data["provenance"],
+                  "hidden-state prompts": (doc.hidden_shift or {}).get("sets") or "not measured"}
+    return "\n".join([
+        f"<h2>Subspace analysis: {escape(doc.describe())}</h2>",
+        '<p class="note">Medians over layers per module type. In brackets, what a random ΔW with the same spectrum '
+        "scores against the same W₀ (Mou: mean over the baseline draws; O_k: the exact √(k/d_out)); an enrichment of "
+        "1 is a random ΔW. METHODS.md §3.8 defines every metric; docs/analysis.md says how to read them.</p>",
+        f"<table><tr>{head}</tr>\n" + "\n".join(rows) + "</table>", *figures,
+        "<h3>Provenance</h3>", _value(provenance)])
+
+
+def _num(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3g}"
 
 
 def _summary_section(summary: Summary, results: Sequence[Results]) -> str:

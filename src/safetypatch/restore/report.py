@@ -4,7 +4,6 @@ method's own figures: rank, similarity, entropy, norms), written as JSON next to
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from numbers import Real
 from pathlib import Path
@@ -12,22 +11,9 @@ from typing import Any
 
 from safetypatch.restore.base import RestoredTensor, RestoreMethod
 from safetypatch.utils.io import atomic_write_json
+from safetypatch.weights.stream import locate
 
-_LAYER = re.compile(r"\.(\d+)\.")
 REPORT_VERSION = 1
-
-
-def locate(name: str) -> tuple[int | None, str]:
-    """(layer index, module within the layer) of a tensor name; (None, module) outside the decoder blocks.
-
-    ``model.layers.3.mlp.up_proj.weight`` → (3, ``mlp.up_proj``); ``model.embed_tokens.weight`` →
-    (None, ``model.embed_tokens``).
-    """
-    module = name.removesuffix(".weight")
-    match = _LAYER.search(module)
-    if match is None:
-        return None, module
-    return int(match.group(1)), module[match.end():]
 
 
 @dataclass

@@ -123,10 +123,19 @@ def lora_delta(B: torch.Tensor, A: torch.Tensor, scaling: float) -> torch.Tensor
     Raises:
         PatchError: the inner dimensions of B and A differ.
     """
+    check_factors(B, A)
+    return scaling * (B.float() @ A.float())
+
+
+def check_factors(B: torch.Tensor, A: torch.Tensor) -> None:
+    """Refuse LoRA factors that do not multiply (B must be d_out × r and A r × d_in).
+
+    Raises:
+        PatchError: naming both shapes.
+    """
     if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
         raise PatchError(f"LoRA factors do not multiply: B is {tuple(B.shape)}, A is {tuple(A.shape)}; expected "
                          "B (d_out × r) and A (r × d_in) with the same r.")
-    return scaling * (B.float() @ A.float())
 
 
 def fix_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,6 +42,7 @@ __all__ = [
     "StreamPlan",
     "aligned",
     "compute_device",
+    "locate",
     "plan",
     "select_names",
 ]
@@ -57,6 +58,7 @@ LINEAR_PATTERNS: dict[str, str] = dict.fromkeys(
     ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text"), _DECODER_LINEAR)
 """``config.json`` ``model_type`` → regex (full match) of the tensor names in the ``linear`` scope."""
 _TIED_HEAD = "lm_head.weight"
+_LAYER = re.compile(r"\.(\d+)\.")
 # The working set per streamed tensor, in multiples of its fp32 size: each role's fp32 copy plus the result and
 # one temporary; an SVD adds U, Vᵀ and the LAPACK / cuSOLVER workspace (about three more).
 _WORK_COPIES = 2
@@ -97,6 +99,19 @@ def select_names(reader: CheckpointReader, scope: ParamScope = "linear",
         raise ConfigError(f"param_scope {scope!r} selects no tensor of {reader.folder} ({len(names)} tensors, e.g. "
                           f"{names[:2]}); give module_map a regex matching its projection weights.")
     return selected
+
+
+def locate(name: str) -> tuple[int | None, str]:
+    """(layer index, module within the layer) of a tensor name; (None, module) outside the decoder blocks.
+
+    ``model.layers.3.mlp.up_proj.weight`` → (3, ``mlp.up_proj``); ``model.embed_tokens.weight`` →
+    (None, ``model.embed_tokens``). Per-layer reports (restoration, analysis) are keyed by it.
+    """
+    module = name.removesuffix(".weight")
+    match = _LAYER.search(module)
+    if match is None:
+        return None, module
+    return int(match.group(1)), module[match.end():]
 
 
 def _linear_pattern(reader: CheckpointReader, module_map: Mapping[str, str]) -> re.Pattern[str]:

@@ -1,0 +1,139 @@
+"""Hidden-state shift per layer (METHODS.md §3.8): Δh^(l)(x) = ‖h^(l)_patched(x) − h^(l)_0(x)‖_2, h^(l) the residual
+stream after decoder block l, at the last prompt token (or averaged over the prompt's tokens), averaged separately over
+benign and harmful prompts, and also relative to ‖h^(l)_0(x)‖.
+
+Prompts are rendered with the model's chat template and run one at a time, so no padding or position bookkeeping
+can move a state: a patch whose ΔW is zero, or a target equal to the model, shifts nothing, exactly.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from safetypatch.data import canonical_split, load_dataset, normalize_prompt
+from safetypatch.errors import ConfigError, ModelError
+from safetypatch.models.chat import render_user_turn
+from safetypatch.utils.hashing import sha256_json
+
+Position = Literal["last", "mean"]
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Prompts of one kind (benign or harmful) and where they came from.
+
+    Attributes:
+        kind: ``benign`` or ``harmful``.
+        prompts: the prompts, in evaluation-half order.
+        record: dataset, split, its sha256, seed, count and the prompts' sha256, for the provenance.
+    """
+
+    kind: str
+    prompts: tuple[str, ...]
+    record: dict[str, Any]
+
+
+def select_prompts(kind: str, dataset: str, n: int, seed: int) -> PromptSet:
+    """Up to ``n`` distinct prompts from the evaluation half of ``dataset``'s canonical split, sampled with ``seed``.
+
+    Args:
+        kind: ``benign`` or ``harmful`` (a label).
+        dataset: a catalog set or a local file.
+        n: how many prompts (fewer when the half holds fewer distinct ones).
+        seed: seed of the sample.
+
+    Raises:
+        DataError: the set cannot be loaded.
+    """
+    split = canonical_split(load_dataset(dataset))
+    distinct = list({normalize_prompt(row.prompt): row.prompt for row in split.eval.rows}.values())
+    picked = [distinct[i] for i in sorted(random.Random(seed).sample(range(len(distinct)), min(n, len(distinct))))]
+    record = {"dataset": dataset, "split": "eval", "eval_sha256": split.eval_sha256, "seed": seed,
+              "n": len(picked), "sha256": sha256_json(picked)}
+    return PromptSet(kind, tuple(picked), record)
+
+
+def decoder_layers(model: Any) -> torch.nn.ModuleList:
+    """The decoder blocks of a causal LM or of a PEFT model around one.
+
+    Raises:
+        ModelError: the model has no ``layers`` list of ``num_hidden_layers`` blocks.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(base.get_decoder(), "layers", None)
+    expected = getattr(base.config.get_text_config(), "num_hidden_layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) != expected:
+        raise ModelError(f"{type(base).__name__}: no list of {expected} decoder blocks at get_decoder().layers, so "
+                         "the hidden-state shift cannot be measured; set hidden_shift: false for this model.")
+    return layers
+
+
+@torch.no_grad()
+def residual_states(model: Any, tokenizer: Any, prompts: Sequence[str], position: Position = "last",
+                    progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """The residual stream after every decoder block at the last prompt token (or the prompt's mean).
+
+    Args:
+        model: a causal LM or a PEFT model (its adapter active).
+        tokenizer: its tokenizer, with a chat template.
+        prompts: user turns.
+        position: ``last`` (the default of §3.8) or ``mean`` over the prompt's tokens.
+        progress: called with 1 after each prompt.
+
+    Returns:
+        ``[len(prompts), layers, hidden]`` fp32 on the CPU.
+
+    Raises:
+        ConfigError: the tokenizer has no chat template.
+        ModelError: see :func:`decoder_layers`.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "")
+        raise ConfigError(f"tokenizer {name!r} has no chat template; the hidden-state shift renders prompts with it. "
+                          "Analyse an instruct model, or set hidden_shift: false.")
+    layers = decoder_layers(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    captured: list[torch.Tensor] = []
+
+    def keep(_module: Any, _inputs: Any, output: Any) -> None:
+        hidden = (output[0] if isinstance(output, tuple) else output)[0].float()
+        captured.append(hidden[-1] if position == "last" else hidden.mean(0))
+
+    hooks = [layer.register_forward_hook(keep) for layer in layers]
+    was_training = model.training
+    model.eval()
+    states = []
+    try:
+        for prompt in prompts:
+            ids = tokenizer(render_user_turn(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+            base.get_decoder()(input_ids=torch.tensor([ids], device=base.device), use_cache=False)
+            states.append(torch.stack(captured).cpu())
+            captured.clear()
+            if progress is not None:
+                progress(1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return torch.stack(states)
+
+
+def layer_shift(before: torch.Tensor, after: torch.Tensor) -> dict[str, list[float]]:
+    """Mean over prompts of ‖h_after − h_before‖ and of ‖h_after − h_before‖ / ‖h_before‖, per layer.
+
+    Args:
+        before: ``[prompts, layers, hidden]`` of the unchanged model.
+        after: the same of the patched model.
+
+    Returns:
+        ``shift`` and ``relative``, one value per layer.
+    """
+    shift = torch.linalg.vector_norm(after - before, dim=-1)
+    scale = torch.linalg.vector_norm(before, dim=-1)
+    relative = torch.where(scale > 0, shift / scale.clamp_min(torch.finfo(scale.dtype).tiny), 0.0)
+    return {"shift": shift.mean(0).tolist(), "relative": relative.mean(0).tolist()}
