@@ -156,8 +156,8 @@ def make_trainer(
 
     Raises:
         DataError: no examples.
-        ConfigError: the recipe's modules or layer range do not fit the model, or its precision contradicts the
-            launcher's.
+        ConfigError: the recipe's modules or layer range do not fit the model, its precision contradicts the
+            launcher's, or it has the overlap regulariser under FSDP or DeepSpeed.
     """
     if not train_examples:
         raise DataError("train_refusal_patch: no training examples; build some with tokenize_examples.")
@@ -181,6 +181,10 @@ def make_trainer(
             data_collator=_WeightedCollator(_pad_id(tokenizer)), callbacks=[recorder, *(callbacks or [])],
             regularizer=regularizer,
         )
+    if regularizer is not None and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        raise ConfigError("the overlap regulariser reads the LoRA factors and W_0 directly, which FSDP and DeepSpeed "
+                          "shard or recast; train a regularised recipe in one process or with DDP (accelerate "
+                          "preset multi_gpu).")
     trainer.remove_callback(PrinterCallback)  # library code reports through `progress`, never stdout
     trainer.recorder = recorder
     return trainer
