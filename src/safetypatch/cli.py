@@ -432,6 +432,8 @@ def ls(
         return data()
     if what == "accelerate":
         return _accelerate_presets(name)
+    if name is not None:
+        raise typer.BadParameter(f"a name ({name!r}) goes with `ls accelerate` only")
     table = Table(title="Evaluation tasks (src/safetypatch/eval/tasks/*.yaml)")
     for col in ("name", "kind", "dataset", "description"):
         table.add_column(col, overflow="fold")

@@ -20,8 +20,10 @@ from accelerate.commands.config.config_args import load_config_from_file
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from trl.trainer.utils import add_fused_lm_head
+from typer.testing import CliRunner
 
 from safetypatch.api.train import TrainConfig, _save
+from safetypatch.cli import app
 from safetypatch.errors import ConfigError, PatchError
 from safetypatch.models.loading import load_model
 from safetypatch.patch.artifact import PatchManifest, load_patch
@@ -110,6 +112,15 @@ def test_presets_are_accelerate_configs_with_the_settings_that_keep_adapters_who
     assert all(accelerate_preset(n).description for n in PRESETS)
     with pytest.raises(ConfigError, match="Did you mean 'zero3'"):
         accelerate_preset("zero4")
+
+
+def test_ls_accelerate_lists_the_presets_and_prints_one_path_for_config_file():
+    listing = CliRunner().invoke(app, ["ls", "accelerate"])
+    assert listing.exit_code == 0 and all(name in listing.output for name in PRESETS)
+    path = CliRunner().invoke(app, ["ls", "accelerate", "zero3"])
+    assert path.exit_code == 0 and path.output == f"{accelerate_preset('zero3').path}\n"
+    unknown = CliRunner().invoke(app, ["ls", "accelerate", "zero4"])
+    assert unknown.exit_code == 2 and "Did you mean 'zero3'" in unknown.output
 
 
 @pytest.mark.parametrize(("requested", "launcher", "cuda", "expected"), [
