@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from safetypatch.errors import DataError
@@ -18,12 +19,17 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+# transformers' ddp_timeout default. The process group is set up here, before Trainer would, and the other processes
+# may wait that long at a barrier while the first fills the caches (a download, a model conversion).
+PROCESS_GROUP_TIMEOUT = timedelta(seconds=1800)
+
+
 @functools.cache
 def process_state() -> Any:
     """accelerate's ``PartialState``: initialises the process group under a launcher (once per process)."""
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(timeout=PROCESS_GROUP_TIMEOUT)
 
 
 def is_main_process() -> bool:
