@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from safetypatch.api.train import TrainConfig, _save
 from safetypatch.cli import app
-from safetypatch.errors import ConfigError, PatchError
+from safetypatch.errors import ConfigError, ModelError, PatchError
 from safetypatch.models.loading import load_model
 from safetypatch.patch.artifact import PatchManifest, load_patch
 from safetypatch.patch.factors import patch_from_peft
@@ -95,6 +95,23 @@ def test_two_processes_train_the_patch_one_process_trains(tiny_model_dirs, tmp_p
                 for run in ("one", "two")}
     torch.testing.assert_close(reloaded["two"], reloaded["one"], rtol=0, atol=1e-4)
     assert float((reloaded["two"] - probe_logits(base, ids)).abs().max()) > 1e-3  # the patch does something
+
+
+def test_zero3_on_two_cpu_processes_saves_the_whole_adapter(tiny_model_dirs, tmp_path):
+    """Where DeepSpeed is installed (its CPU accelerator runs over gloo): the ZeRO-3 preset, whose parameters are
+    shards, trains the same curve and its gathered adapter passes the §5.4 checks (huggingface/peft #2892)."""
+    pytest.importorskip("deepspeed")
+    config = tmp_path / "zero3.yaml"
+    config.write_text(accelerate_preset("zero3").path.read_text().replace("num_processes: 8", "num_processes: 2"))
+    cli = ["-m", "safetypatch.cli", *TRAIN_ARGS, "--model", str(tiny_model_dirs["llama"])]
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
+          str(_free_port()), *cli, "--set", f"{RECIPE},per_device_train_batch_size=2", "-o", str(tmp_path / "z3")])
+    _run([sys.executable, *cli, "--set", f"{RECIPE},per_device_train_batch_size=4", "-o", str(tmp_path / "one")])
+    one, z3 = (json.loads((tmp_path / run / "safety_patch.json").read_text()) for run in ("one", "z3"))
+    assert z3["training"]["launch"]["distributed_type"] == "DEEPSPEED"
+    curves = [torch.tensor(run["training"]["loss_history"])[:, 1] for run in (one, z3)]
+    assert float((curves[0] - curves[1]).abs().max()) < 1e-4
+    assert load_patch(tmp_path / "z3").modules == load_patch(tmp_path / "one").modules
 
 
 def test_presets_are_accelerate_configs_with_the_settings_that_keep_adapters_whole():
@@ -215,6 +232,10 @@ def test_a_full_model_gathered_from_a_sharded_run_is_reloaded_and_saved(tmp_path
           PatchManifest(method="refusal_sft"))
     ids = probe_input_ids(trained)
     torch.testing.assert_close(probe_logits(load_model(str(tmp_path / "full")).model, ids), probe_logits(trained, ids))
+    (tmp_path / "trained" / "model.safetensors").unlink()  # ZeRO-3 without zero3_save_16bit_model, in full mode
+    with pytest.raises(ModelError, match="zero3_save_16bit_model: true"):
+        _save(cfg.model_copy(update={"output": tmp_path / "full2"}), load_model(cfg.model), recipe,
+              SimpleNamespace(exported=tmp_path / "trained", model=trained), PatchManifest(method="refusal_sft"))
 
 
 def test_the_loss_through_a_distributed_wrapper_equals_the_direct_supervised_loss():

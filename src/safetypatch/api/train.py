@@ -205,7 +205,7 @@ def _save(cfg: TrainConfig, loaded: LoadedModel, recipe: PatchRecipe, result: An
     here (one process, DDP); from the folder Trainer gathered an FSDP or DeepSpeed run into otherwise, checked on a
     fresh copy of the base (LoRA) or reloaded as a model (full)."""
     from safetypatch.patch.artifact import save_full_model_patch, save_patch
-    from safetypatch.train.distributed import gathered_patch
+    from safetypatch.train.distributed import gathered_model_folder, gathered_patch
 
     if result.exported is None:
         if recipe.mode == "full":
@@ -214,7 +214,7 @@ def _save(cfg: TrainConfig, loaded: LoadedModel, recipe: PatchRecipe, result: An
             save_patch(result.model, cfg.output, manifest, overwrite=cfg.overwrite)
         return
     if recipe.mode == "full":
-        trained = load_model(str(result.exported), dtype=loaded.dtype, device=loaded.device)
+        trained = load_model(str(gathered_model_folder(result.exported)), dtype=loaded.dtype, device=loaded.device)
         save_full_model_patch(trained.model, loaded.tokenizer, cfg.output, manifest, overwrite=cfg.overwrite)
         return
     patch = gathered_patch(result.exported, result.model)

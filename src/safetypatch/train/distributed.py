@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetypatch.errors import ConfigError, PatchError
+from safetypatch.errors import ConfigError, ModelError, PatchError
+from safetypatch.models.fingerprint import safetensors_files
 from safetypatch.patch.artifact import load_patch
 from safetypatch.patch.factors import Patch, lora_modules
 from safetypatch.registry import Registry
@@ -28,6 +29,9 @@ from safetypatch.registry import Registry
 logger = logging.getLogger(__name__)
 
 PRESET_DIR = Path(__file__).with_name("accelerate")
+_GATHER_HINT = (" The sharded run's weights were not gathered for the save; with DeepSpeed ZeRO-3 set "
+                "zero3_save_16bit_model: true, with FSDP fsdp_state_dict_type: FULL_STATE_DICT (the shipped zero3 "
+                "and fsdp presets do).")
 _LAUNCHER_PRECISIONS = {"no": None, "bf16": "bf16", "fp16": "fp16"}
 
 
@@ -194,12 +198,24 @@ def gathered_patch(folder: Path, trained: Any) -> Patch:
     try:
         patch = load_patch(folder)
     except PatchError as exc:
-        raise PatchError(f"{exc} The sharded run's weights were not gathered for the save; with DeepSpeed ZeRO-3 "
-                         "set zero3_save_16bit_model: true, with FSDP fsdp_state_dict_type: FULL_STATE_DICT (the "
-                         "shipped zero3 and fsdp presets do).") from exc
+        raise PatchError(f"{exc}{_GATHER_HINT}") from exc
     missing = sorted(set(lora_modules(trained, trained.active_adapter)) - set(patch.modules))
     if missing:
         raise PatchError(f"{folder}: the adapter gathered from the sharded run lacks {len(missing)} of the trained "
                          f"modules (first: {missing[0]}); only part of the model was saved (METHODS.md §5.4). Save it "
                          "with a full state dict (FULL_STATE_DICT, zero3_save_16bit_model: true).")
     return patch
+
+
+def gathered_model_folder(folder: Path) -> Path:
+    """``folder``, the full model ``Trainer.save_model`` gathered a sharded full-mode run into, once it holds weights.
+
+    Raises:
+        ModelError: no safetensors weights were written (ZeRO-3 without ``zero3_save_16bit_model`` writes only its
+            own partitioned checkpoint).
+    """
+    try:
+        safetensors_files(folder)
+    except ModelError as exc:
+        raise ModelError(f"{exc}{_GATHER_HINT}") from exc
+    return folder
