@@ -11,8 +11,8 @@ demo: setup
 	$(VENV)/bin/safetypatch demo
 
 test: setup
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests bench

@@ -55,6 +55,8 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
     # The CLI draws its own progress bars; the per-file bars of transformers and the Hub would interleave with them.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Under accelerate launch (or torchrun) every process runs the CLI; only the first one talks.
+    console.quiet = out.quiet = os.environ.get("RANK", "0") != "0"
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(message)s",
@@ -249,8 +251,11 @@ def train(
     console.print(f"[bold]safetypatch train[/] {cfg.recipe} patch on {cfg.model} -> {cfg.output}")
     with console.status("generating retain answers and training..."):
         result = api.train_patch(cfg)
+    launch = result.training["launch"]
+    where = f" on {launch['num_processes']} processes ({launch['distributed_type']})" if launch["num_processes"] > 1 \
+        else ""
     losses = result.training["loss_history"]
-    console.print(f"[green]done[/] in {result.seconds / 60:.1f} min: {result.n_refusal} refusals, "
+    console.print(f"[green]done[/] in {result.seconds / 60:.1f} min{where}: {result.n_refusal} refusals, "
                   f"{result.n_retain} retain answers, {result.training['steps']} steps, "
                   f"loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f}; patch at {result.path}")
 
@@ -474,14 +479,21 @@ def report(
 
 @app.command("ls")
 @_friendly
-def ls(what: Annotated[str, typer.Argument(help="tasks, models or datasets")] = "tasks") -> None:
-    """List registered tasks (or models, datasets)."""
+def ls(
+    what: Annotated[str, typer.Argument(help="tasks, models, datasets or accelerate")] = "tasks",
+    name: Annotated[str | None, typer.Argument(help="With accelerate: print only this preset's path.")] = None,
+) -> None:
+    """List registered tasks (or models, datasets, accelerate launcher presets)."""
     from safetypatch import api
 
     if what == "models":
         return models()
     if what in ("datasets", "data"):
         return data()
+    if what == "accelerate":
+        return _accelerate_presets(name)
+    if name is not None:
+        raise typer.BadParameter(f"a name ({name!r}) goes with `ls accelerate` only")
     table = Table(title="Evaluation tasks (src/safetypatch/eval/tasks/*.yaml)")
     for col in ("name", "kind", "dataset", "description"):
         table.add_column(col, overflow="fold")
@@ -489,6 +501,21 @@ def ls(what: Annotated[str, typer.Argument(help="tasks, models or datasets")] = 
         table.add_row(row["name"], row["kind"], row["dataset"], row["description"])
     out.print(table)
     return None
+
+
+def _accelerate_presets(name: str | None) -> None:
+    """``safetypatch ls accelerate [NAME]``: the launcher presets, or one preset's path (for --config_file)."""
+    from safetypatch.train.distributed import PRESETS, accelerate_preset
+
+    if name is not None:
+        typer.echo(accelerate_preset(name).path)  # plain, for --config_file "$(safetypatch ls accelerate zero3)"
+        return
+    table = Table(title="accelerate launch --config_file presets (docs/distributed.md)")
+    for col in ("name", "what", "path"):
+        table.add_column(col, overflow="fold")
+    for preset in (accelerate_preset(n) for n in PRESETS):
+        table.add_row(preset.name, preset.description, str(preset.path))
+    out.print(table)
 
 
 def _applied_table(result: Any) -> Table:
@@ -586,3 +613,7 @@ def _split(text: str | None) -> list[str] | None:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # accelerate launch -m safetypatch.cli train ...
+    main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from safetypatch.api._progress import Progress
-from safetypatch.api.apply import PathList, apply_patch_folders
+from safetypatch.api.apply import AppliedPatches, PathList, apply_patch_folders
 from safetypatch.config import StrictConfig
 from safetypatch.errors import ConfigError
 from safetypatch.models.catalog import DEFAULT_MODEL
@@ -48,6 +49,10 @@ class EvalConfig(StrictConfig):
         if self.merge_scale != 1.0 and not self.merge_adapter:
             raise ConfigError(f"EvalConfig: merge_scale={self.merge_scale} acts on merged weights, but merge_adapter "
                               "is false. Set merge_adapter: true (CLI: --merge-adapter) or drop merge_scale.")
+        if self.backend == "vllm" and self.merge_adapter:
+            raise ConfigError("EvalConfig: backend vllm serves a patch unmerged (enable_lora + LoRARequest), but "
+                              "merge_adapter is true. Drop merge_adapter, or write the merged model with safetypatch "
+                              "apply --mode merge -o <folder> and evaluate that folder.")
         return self
 
 
@@ -86,7 +91,7 @@ def evaluate(config: EvalConfig | None = None, progress: Progress | None = None)
     preset = load_preset(cfg.preset)
     start = time.perf_counter()
     loaded = load_model(cfg.model, revision=cfg.revision, dtype=cfg.dtype)
-    model, adapter = _with_adapter(loaded, cfg)
+    model, applied = _with_adapter(loaded, cfg)
     reference_ref = cfg.reference_model or (cfg.model if cfg.adapter else None)
     reference = load_model(reference_ref, dtype=loaded.dtype).model if reference_ref else None
     tasks = tuple(cfg.tasks or _runnable(preset.tasks, reference is not None))
@@ -97,18 +102,17 @@ def evaluate(config: EvalConfig | None = None, progress: Progress | None = None)
     plan = EvalPlan(tasks, {**limits, **cfg.limits}, protocol,
                     tuple(build_judge(name) for name in (cfg.judges or preset.judges)), cfg.seed, cfg.batch_size)
     builder = ResultsBuilder(cfg.model, revision=loaded.resolved.revision, fingerprint=loaded.fingerprint.sha256,
-                             seed=cfg.seed, generation_kwargs=protocol.to_dict(), adapter=adapter,
+                             seed=cfg.seed, generation_kwargs=protocol.to_dict(),
+                             adapter=applied.summary() if applied else None,
                              device=loaded.device)
     builder.config["preset"] = cfg.preset
     builder.config["skipped_tasks"] = {t: "no reference model (drift compares against one)"
                                        for t in (() if cfg.tasks else preset.tasks) if t not in tasks}
     builder.config["eval_config"] = cfg.model_dump(mode="json")
-    engine = None
-    if cfg.backend == "vllm":
-        from safetypatch.eval.backends.vllm import load_vllm
-
-        engine = load_vllm(loaded.resolved.path, protocol)
-    run_tasks(ModelUnderTest(model, loaded.tokenizer, reference, engine), plan, builder, progress)
+    with tempfile.TemporaryDirectory(prefix="safetypatch-eval-") as scratch:
+        engine, served = _vllm_engine(loaded, applied, protocol, Path(scratch)) if cfg.backend == "vllm" \
+            else (None, None)
+        run_tasks(ModelUnderTest(model, loaded.tokenizer, reference, engine, served), plan, builder, progress)
     path = builder.write(cfg.output_dir, overwrite=cfg.overwrite)
     data = read_results(path).data
     headline = {
@@ -126,11 +130,27 @@ def _runnable(tasks: list[str], has_reference: bool) -> list[str]:
     return [t for t in tasks if has_reference or TASKS.get(t).kind != "drift"]
 
 
-def _with_adapter(loaded: LoadedModel, cfg: EvalConfig) -> tuple[Any, dict | None]:
+def _with_adapter(loaded: LoadedModel, cfg: EvalConfig) -> tuple[Any, AppliedPatches | None]:
     """Attach (or merge) ``cfg.adapter`` through the code path of ``safetypatch apply``; returns the model to
-    evaluate and the adapter block of the results config."""
+    evaluate and what was applied."""
     if cfg.adapter is None:
         return loaded.model, None
     applied = apply_patch_folders(loaded.model, cfg.adapter, mode="merge" if cfg.merge_adapter else "attach",
                                   scale=cfg.merge_scale, fingerprint=loaded.fingerprint.sha256)
-    return applied.result.model, applied.summary()
+    return applied.result.model, applied
+
+
+def _vllm_engine(loaded: LoadedModel, applied: AppliedPatches | None, protocol: Any, scratch: Path) -> tuple[Any, Any]:
+    """The vLLM engine over the base weights and the patch it serves unmerged (None without one): the patch folder
+    itself, or, for several combined patches, the combination saved (and verified) into ``scratch``."""
+    from safetypatch.eval.backends.vllm import VllmAdapter, load_vllm
+    from safetypatch.patch.artifact import PatchManifest, save_patch
+
+    served = None
+    if applied is not None:
+        folder = applied.sources[0].path
+        if applied.combination is not None:
+            folder = scratch / "combined-patch"
+            save_patch(applied.result.model, folder, PatchManifest(method=f"combine:{applied.combination}"))
+        served = VllmAdapter.from_folder(folder)
+    return load_vllm(loaded.resolved.path, protocol, adapter=served), served

@@ -60,15 +60,21 @@ def finetune(config: FinetuneConfig | None = None, progress: Progress | None = N
     ``progress`` is called as ``("train", step, max_steps)`` after every optimiser step.
 
     Raises:
-        ConfigError: unknown recipe, an invalid recipe override, a refusal-only recipe field, or a dataset that an
-            evaluation task reads in full (its train half is evaluated too, e.g. gsm8k).
+        ConfigError: unknown recipe, an invalid recipe override, a refusal-only recipe field, a dataset that an
+            evaluation task reads in full (its train half is evaluated too, e.g. gsm8k), or several processes
+            (``accelerate launch``).
         DataError: unknown dataset, or rows without a response.
         OutputExistsError: the output folder exists and ``overwrite`` is false.
     """
     from safetypatch.data import canonical_split
     from safetypatch.train.finetune import finetune_model, finetune_recipe
+    from safetypatch.utils.distributed import process_state
     from safetypatch.utils.io import ensure_writable
 
+    if process_state().num_processes > 1:
+        raise ConfigError(f"safetypatch finetune runs in one process, but it was started on "
+                          f"{process_state().num_processes} (accelerate launch / torchrun), which would all write "
+                          f"the model folder. Run it with plain python; safetypatch train runs distributed.")
     cfg = config or FinetuneConfig()
     ensure_writable(cfg.output, cfg.overwrite)
     start = time.perf_counter()

@@ -16,7 +16,7 @@ from safetypatch.config import StrictConfig
 from safetypatch.data.catalog import load_dataset
 from safetypatch.errors import ConfigError
 from safetypatch.models.catalog import DEFAULT_MODEL
-from safetypatch.models.loading import load_model
+from safetypatch.models.loading import LoadedModel, load_model
 
 if TYPE_CHECKING:
     from safetypatch.train.recipes import PatchRecipe
@@ -69,13 +69,23 @@ class TrainConfig(StrictConfig):
 
 @dataclass(frozen=True)
 class TrainPatchResult:
-    """Where the patch went and how training went."""
+    """Where the patch went and how training went.
+
+    Attributes:
+        path: the patch folder.
+        training: the manifest's training block (losses, speed, launch).
+        n_refusal: harmful prompts trained to be refused.
+        n_retain: benign prompts trained on the model's own answers.
+        seconds: wall time.
+        written: whether this process wrote ``path`` (under ``accelerate launch`` only the main process does).
+    """
 
     path: Path
     training: dict
     n_refusal: int
     n_retain: int
     seconds: float
+    written: bool = True
 
 
 def train_patch(config: TrainConfig | None = None, progress: Progress | None = None) -> TrainPatchResult:
@@ -90,6 +100,12 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
     Training rows that duplicate a prompt of any safety task's evaluation split (sets overlap: e.g. StrongREJECT
     and HarmBench share behaviours) are dropped and counted in the manifest.
 
+    Under ``accelerate launch`` (docs/distributed.md) every process builds the same data (the main process fills
+    the caches first; a digest of the tokenised examples must agree everywhere), the retain answers are generated
+    once, batch by batch across the processes, Trainer distributes the training, and only the main process writes
+    the patch, after the §5.4 checks (FSDP and ZeRO weights are gathered first and checked on a fresh copy of the
+    base).
+
     Args:
         config: what to train and where to write it (default :class:`TrainConfig`).
         progress: optional progress callback, as above.
@@ -98,57 +114,112 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
         A :class:`TrainPatchResult`.
 
     Raises:
-        ConfigError: unknown recipe or dataset.
+        ConfigError: unknown recipe or dataset, or launcher settings the run cannot use.
+        DataError: the processes of a distributed run built different training data.
         OutputExistsError: the output folder exists and ``overwrite`` is false.
-        PatchError: the written LoRA patch fails its reload check.
+        PatchError: the written LoRA patch fails its reload check, or a sharded run's gathered adapter is empty or
+            partial.
         ModelError: a tensor of the written full model folder does not read back as trained.
     """
-    from safetypatch.data import canonical_split, check_no_overlap, count_ngram_overlap
-    from safetypatch.eval.generate import GenerationProtocol, generate_chat
-    from safetypatch.patch.artifact import PatchManifest, chat_template_sha256, save_full_model_patch, save_patch
+    from safetypatch.data import check_no_overlap, count_ngram_overlap
+    from safetypatch.eval.generate import GenerationProtocol
+    from safetypatch.patch.artifact import PatchManifest, chat_template_sha256
     from safetypatch.train import build_refusal_examples, build_retain_examples, tokenize_examples, train_refusal_patch
+    from safetypatch.train.distributed import check_launcher_environment
+    from safetypatch.utils.distributed import require_same_everywhere
+    from safetypatch.utils.hashing import sha256_json
     from safetypatch.utils.io import ensure_writable
 
     cfg = config or TrainConfig()
     ensure_writable(cfg.output, cfg.overwrite)
+    check_launcher_environment()
     start = time.perf_counter()
     recipe = cfg.patch_recipe()
-    loaded = load_model(cfg.model, revision=cfg.revision, dtype=cfg.dtype)
-    splits = {name: canonical_split(load_dataset(name)) for name in [*cfg.harmful, *cfg.retain]}
-    held_out = _safety_eval_prompts(splits)
+    loaded, splits, held_out = _load_inputs(cfg)
     unseen = _Unseen(held_out)
     harmful = [row for name in cfg.harmful for row in unseen.rows(splits[name].train.rows)[: cfg.n_harmful]]
     benign = [row.prompt for name in cfg.retain for row in unseen.rows(splits[name].train.rows)][: recipe.retain_count]
     train_prompts = [row.prompt for row in harmful] + benign
     check_no_overlap(train_prompts, held_out, what="patch training prompts vs evaluation splits")
     protocol = GenerationProtocol(max_new_tokens=cfg.retain_max_new_tokens, dtype=loaded.dtype, seed=recipe.seed)
-    answers = generate_chat(
-        loaded.model, loaded.tokenizer, benign, protocol,
-        progress=(lambda done, total: progress("retain answers", done, total)) if progress else None,
-    ) if benign else []
+    answers = _retain_answers(loaded, benign, protocol, progress)
     examples = build_refusal_examples(harmful, seed=recipe.refusal_seed) + build_retain_examples(
         [a.prompt for a in answers], [a.response for a in answers], weight=recipe.retain_weight)
     tokenized = tokenize_examples(loaded.tokenizer, examples, max_length=recipe.max_length, think=recipe.think)
+    examples_sha256 = sha256_json([[ex.input_ids, ex.completion_mask, ex.weight] for ex in tokenized])
+    require_same_everywhere(examples_sha256, "the tokenised training examples")
     with tempfile.TemporaryDirectory(prefix="safetypatch-train-") as scratch:
         result = train_refusal_patch(
             loaded.model, loaded.tokenizer, tokenized, recipe, Path(scratch),
             progress=(lambda p: progress("train", p.step, p.max_steps)) if progress else None,
         )
-    manifest = PatchManifest(
-        method="refusal_sft", recipe=recipe.model_dump(mode="json"), base_model=loaded.provenance(),
-        data=[{"name": n, "source": s.train.source, "sha256": s.train_sha256, "rows": len(s.train)}
-              for n, s in splits.items()],
-        template_sha256=chat_template_sha256(loaded.tokenizer), seed=recipe.seed,
-        contamination={"ngram13_eval_prompts": count_ngram_overlap(train_prompts, held_out),
-                       "dropped_eval_duplicates": unseen.dropped},
-        training=result.to_dict(), extra={"retain_protocol": protocol.to_dict(), "train_config": cfg.model_dump(
-            mode="json")},
-    )
+        manifest = PatchManifest(
+            method="refusal_sft", recipe=recipe.model_dump(mode="json"), base_model=loaded.provenance(),
+            data=[{"name": n, "source": s.train.source, "sha256": s.train_sha256, "rows": len(s.train)}
+                  for n, s in splits.items()],
+            template_sha256=chat_template_sha256(loaded.tokenizer), seed=recipe.seed,
+            contamination={"ngram13_eval_prompts": count_ngram_overlap(train_prompts, held_out),
+                           "dropped_eval_duplicates": unseen.dropped},
+            training=result.to_dict(), extra={"retain_protocol": protocol.to_dict(), "train_config": cfg.model_dump(
+                mode="json"), "examples_sha256": examples_sha256},
+        )
+        if result.launch.is_main_process:
+            _save(cfg, loaded, recipe, result, manifest)
+    return TrainPatchResult(cfg.output, result.to_dict(), len(harmful), len(answers), time.perf_counter() - start,
+                            written=result.launch.is_main_process)
+
+
+def _load_inputs(cfg: TrainConfig) -> tuple[LoadedModel, dict[str, Any], list[str]]:
+    """The patch base (on this process's device), the canonical splits of the training sets and the held-out
+    prompts; the main process goes first, so that the others find the caches filled."""
+    from safetypatch.data import canonical_split
+    from safetypatch.utils.distributed import main_process_first, process_state
+
+    state = process_state()
+    with main_process_first():
+        loaded = load_model(cfg.model, revision=cfg.revision, dtype=cfg.dtype,
+                            device=str(state.device) if state.num_processes > 1 else "auto")
+        splits = {name: canonical_split(load_dataset(name)) for name in [*cfg.harmful, *cfg.retain]}
+        held_out = _safety_eval_prompts(splits)
+    return loaded, splits, held_out
+
+
+def _retain_answers(loaded: LoadedModel, prompts: list[str], protocol: Any, progress: Progress | None) -> list[Any]:
+    """The model's own greedy answers to the retain prompts; under several processes each generates a contiguous
+    share of the generation batches, so the answers equal a one-process run's."""
+    from safetypatch.eval.generate import encode_prompt, generate_chat, generation_batches, render_prompt
+    from safetypatch.utils.distributed import map_in_order
+
+    tokenizer = loaded.tokenizer
+    lengths = [len(encode_prompt(tokenizer, render_prompt(tokenizer, p, protocol), protocol)) for p in prompts]
+    batches = generation_batches(lengths, protocol.batch_size)
+    report = (lambda done, total: progress("retain answers", done, total)) if progress else None
+    answers = map_in_order([[prompts[i] for i in batch] for batch in batches],
+                           lambda share: generate_chat(loaded.model, tokenizer, share, protocol, progress=report))
+    by_index = dict(zip((i for batch in batches for i in batch), answers, strict=True))
+    return [by_index[i] for i in range(len(prompts))]
+
+
+def _save(cfg: TrainConfig, loaded: LoadedModel, recipe: PatchRecipe, result: Any, manifest: Any) -> None:
+    """Write the verified patch from the main process (METHODS.md §5.4): from memory when the trained model is whole
+    here (one process, DDP); from the folder Trainer gathered an FSDP or DeepSpeed run into otherwise, checked on a
+    fresh copy of the base (LoRA) or reloaded as a model (full)."""
+    from safetypatch.patch.artifact import save_full_model_patch, save_patch
+    from safetypatch.train.distributed import gathered_model_folder, gathered_patch
+
+    if result.exported is None:
+        if recipe.mode == "full":
+            save_full_model_patch(result.model, loaded.tokenizer, cfg.output, manifest, overwrite=cfg.overwrite)
+        else:
+            save_patch(result.model, cfg.output, manifest, overwrite=cfg.overwrite)
+        return
     if recipe.mode == "full":
-        save_full_model_patch(result.model, loaded.tokenizer, cfg.output, manifest, overwrite=cfg.overwrite)
-    else:
-        save_patch(result.model, cfg.output, manifest, overwrite=cfg.overwrite)
-    return TrainPatchResult(cfg.output, result.to_dict(), len(harmful), len(answers), time.perf_counter() - start)
+        trained = load_model(str(gathered_model_folder(result.exported)), dtype=loaded.dtype, device=loaded.device)
+        save_full_model_patch(trained.model, loaded.tokenizer, cfg.output, manifest, overwrite=cfg.overwrite)
+        return
+    patch = gathered_patch(result.exported, result.model)
+    base = load_model(cfg.model, revision=cfg.revision, dtype=loaded.dtype, device=loaded.device).model
+    save_patch(patch, cfg.output, manifest, model=base, overwrite=cfg.overwrite)
 
 
 def _safety_eval_prompts(splits: dict[str, Any]) -> list[str]:

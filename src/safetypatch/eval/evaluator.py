@@ -48,12 +48,14 @@ class EvalPlan:
 @dataclass(frozen=True)
 class ModelUnderTest:
     """The evaluated model, its tokenizer, an optional reference (for drift) sharing the tokenizer, and an optional
-    vLLM engine that generates in place of the HF model once it has passed the parity gate."""
+    vLLM engine that generates in place of the HF model once it has passed the parity gate, serving ``vllm_adapter``
+    (a :class:`~safetypatch.eval.backends.vllm.VllmAdapter`: the patch ``model`` carries) when given."""
 
     model: Any
     tokenizer: Any
     reference: Any | None = None
     vllm: Any | None = None
+    vllm_adapter: Any | None = None
 
 
 MIN_PARITY = 0.9
@@ -71,7 +73,8 @@ def check_vllm_parity(subject: ModelUnderTest, prompts: Sequence[str], protocol:
 
     head = list(prompts[:PARITY_PROMPTS])
     report = parity_check(generate_chat(subject.model, subject.tokenizer, head, protocol),
-                          generate_vllm(subject.vllm, subject.tokenizer, head, protocol), n=len(head))
+                          generate_vllm(subject.vllm, subject.tokenizer, head, protocol, subject.vllm_adapter),
+                          n=len(head))
     if report.token_agreement < MIN_PARITY:
         raise ConfigError(
             f"vLLM and HF greedy generations agree on only {report.token_agreement:.1%} of tokens over {report.n} "
@@ -96,7 +99,8 @@ def run_tasks(subject: ModelUnderTest, plan: EvalPlan, builder: ResultsBuilder,
         first = next((s for s in specs if s.kind in _JUDGED), None)
         prompts = [row.prompt for row in task_rows(first, PARITY_PROMPTS, plan.seed).rows] if first else []
         parity = check_vllm_parity(subject, prompts, plan.protocol) if prompts else None
-        builder.config["backend"] = {"name": "vllm", "parity": parity}
+        lora = subject.vllm_adapter.engine_kwargs() if subject.vllm_adapter is not None else None
+        builder.config["backend"] = {"name": "vllm", "parity": parity, "lora": lora}
     for spec in specs:
         rows = task_rows(spec, plan.limits.get(spec.name), plan.seed)
         report = (lambda done, total, name=spec.name: progress(name, done, total)) if progress else None
@@ -121,7 +125,8 @@ def _generate(subject: ModelUnderTest, spec: TaskSpec, prompts: Sequence[str], p
     if subject.vllm is not None:
         from safetypatch.eval.backends.vllm import generate_vllm
 
-        return protocol, generate_vllm(subject.vllm, subject.tokenizer, list(prompts), protocol, progress=report)
+        return protocol, generate_vllm(subject.vllm, subject.tokenizer, list(prompts), protocol,
+                                       subject.vllm_adapter, progress=report)
     return protocol, generate_chat(subject.model, subject.tokenizer, list(prompts), protocol, progress=report)
 
 

@@ -197,13 +197,11 @@ def generate_chat(
     stops = stop_token_ids(tokenizer, model.generation_config.eos_token_id)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     kwargs = _generate_kwargs(model, protocol, stops, pad_id)
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     new_ids: dict[int, list[int]] = {}
     device = model.get_input_embeddings().weight.device
     torch.manual_seed(protocol.seed)
     with torch.inference_mode(), eval_mode(model):
-        for start in range(0, len(order), protocol.batch_size):
-            batch = order[start : start + protocol.batch_size]
+        for batch in generation_batches([len(ids) for ids in encoded], protocol.batch_size):
             input_ids, attention_mask = pad_left([encoded[i] for i in batch], pad_id)
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
             for row, i in enumerate(batch):
@@ -211,6 +209,24 @@ def generate_chat(
             if progress is not None:
                 progress(len(new_ids), len(prompts))
     return [_finish(tokenizer, prompts[i], texts[i], new_ids[i], stops) for i in range(len(prompts))]
+
+
+def generation_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """The batches :func:`generate_chat` runs: prompt indices sorted by token length, longest first (ties in input
+    order), ``batch_size`` per batch.
+
+    Generating a contiguous run of these batches as one call reproduces them exactly (the sort is stable), which is
+    how several processes share one generation job without changing any batch.
+
+    Args:
+        lengths: token count of each rendered prompt.
+        batch_size: prompts per batch.
+
+    Returns:
+        Lists of prompt indices, one per batch.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def _check_dtype(model: Any, protocol: GenerationProtocol) -> None:

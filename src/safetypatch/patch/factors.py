@@ -20,6 +20,7 @@ from safetypatch.weights.linalg import lora_delta, lora_scaling
 PEFT_PREFIX = "base_model.model."
 # Config keys that describe one saved adapter file rather than the adapter itself.
 _VOLATILE_KEYS = ("peft_version", "inference_mode", "revision")
+_WRAPPER_LEVELS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
 def factor_key(module: str, which: str) -> str:
@@ -129,13 +130,27 @@ def patch_from_peft(peft_model: Any, adapter_name: str = "default", manifest: di
                          f"{sorted(getattr(peft_model, 'peft_config', {}))}.")
     config = peft_model.peft_config[adapter_name].to_dict()
     factors = {}
-    for name, module in peft_model.named_modules():
-        if adapter_name in getattr(module, "lora_A", {}):
-            A = module.lora_A[adapter_name].weight.detach().float().cpu().clone()
-            B = module.lora_B[adapter_name].weight.detach().float().cpu().clone()
-            factors[name.removeprefix(PEFT_PREFIX)] = LoraFactors(A, B)
+    for name, module in lora_modules(peft_model, adapter_name).items():
+        A = module.lora_A[adapter_name].weight.detach().float().cpu().clone()
+        B = module.lora_B[adapter_name].weight.detach().float().cpu().clone()
+        factors[name] = LoraFactors(A, B)
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     return Patch(config=config, factors=dict(sorted(factors.items())), manifest=manifest)
+
+
+def lora_modules(peft_model: Any, adapter_name: str = "default") -> dict[str, Any]:
+    """The LoRA layers of ``adapter_name`` in a PEFT model, by base-model module name (``model.layers.0.mlp.up_proj``).
+
+    Wrapper levels that FSDP and activation checkpointing insert into module names are left out, so a wrapped model
+    gives the names of the patch it trains.
+    """
+    out = {}
+    for name, module in peft_model.named_modules():
+        if adapter_name in getattr(module, "lora_A", {}):
+            for level in _WRAPPER_LEVELS:
+                name = name.replace(level, "")
+            out[name.removeprefix(PEFT_PREFIX)] = module
+    return out
 
 
 def check_compatible(model: Any, patch: Patch) -> None:

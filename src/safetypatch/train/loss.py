@@ -3,6 +3,11 @@
 Most of a refusal-SFT step's memory on a CPU is the fp32 logits, batch × seq × vocab (ASSETS.md), yet only the
 completion positions (often a third of the tokens or fewer) carry a label. The backbone runs on the whole batch;
 the LM head, the final-logit soft-capping (Gemma 2/3) and the loss run only where the shifted label is not −100.
+
+A model inside a distributed wrapper (DDP, FSDP, a DeepSpeed engine) must be called through the wrapper, which
+gathers shards and synchronises gradients in its forward. There the loss reads the per-token log-probabilities of
+TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``, which ``SFTTrainer`` installs on the model): the same
+supervised tokens, scored in chunks without the full logits.
 """
 
 from __future__ import annotations
@@ -27,9 +32,9 @@ def unwrap_causal_lm(model: Any) -> Any:
 def fast_path_supported(model: Any) -> bool:
     """Whether :func:`supervised_logits` may call the backbone and LM head directly for ``model``.
 
-    False for architectures that rescale logits (see ``_LOGIT_SCALES``), for models without the usual
-    ``base_model_prefix`` backbone, and for distributed wrappers (DDP must see its own forward to sync gradients);
-    those take the model's own full forward instead.
+    False for architectures that rescale logits (see ``_LOGIT_SCALES``) and for models without the usual
+    ``base_model_prefix`` backbone; those take the model's own full forward instead. Distributed wrappers never get
+    here: :func:`completion_loss` calls them through their forward (``wrapped=True``).
     """
     base = unwrap_causal_lm(model)
     if not hasattr(base, "config"):
@@ -71,8 +76,10 @@ def completion_loss(
     labels: torch.Tensor,
     weights: torch.Tensor | None = None,
     num_items: torch.Tensor | int | None = None,
+    *,
     lead_tokens: int = 0,
     lead_weight: float = 1.0,
+    wrapped: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Σ_t w_t · (−log p(y_t | y_<t)) / N over supervised positions t (METHODS.md §3.1 step 3).
 
@@ -89,14 +96,19 @@ def completion_loss(
         lead_weight: the extra factor of those tokens.
         num_items: the normaliser N (the supervised-token count of the whole accumulated batch, as transformers'
             Trainer passes it), or None for this batch's count.
+        wrapped: ``model`` is a distributed wrapper (DDP, FSDP, a DeepSpeed engine) around a model carrying TRL's
+            fused LM head; it is called through its own forward and the fused head scores the supervised tokens.
 
     Returns:
         (loss, number of supervised tokens in this batch).
     """
     shifted = labels[:, 1:]
     mask = shifted != IGNORE_INDEX
-    logits = supervised_logits(model, inputs, mask)
-    nll = F.cross_entropy(logits.float(), shifted[mask], reduction="none")
+    if wrapped:
+        nll = -model(**inputs, labels=labels, fused_lm_head=True).log_probs[mask].float()
+    else:
+        logits = supervised_logits(model, inputs, mask)
+        nll = F.cross_entropy(logits.float(), shifted[mask], reduction="none")
     if weights is not None:
         nll = nll * weights.to(nll.dtype)[:, None].expand_as(shifted)[mask]
     if lead_tokens > 0 and lead_weight != 1.0:

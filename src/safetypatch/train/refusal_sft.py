@@ -4,6 +4,10 @@ Mou et al., arXiv 2510.09004; Xue & Mirzasoleiman, arXiv 2507.17075).
 A thin layer over TRL: the data arrive tokenised with a completion mask (``examples.tokenize_examples``), TRL
 builds the labels with ``completion_only_loss=True`` set explicitly and packing off, and the loss is computed by
 :mod:`safetypatch.train.loss` at supervised positions only (plus β Σ R when the overlap regulariser is on).
+
+Under ``accelerate launch`` Trainer distributes the run (DDP, FSDP, DeepSpeed; :mod:`safetypatch.train.distributed`).
+Batches are grouped by length over the global batch, so one process with batch 4 and two with batch 2 each train on
+the same batches with the same loss curve.
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from safetypatch.errors import ConfigError, DataError
+from safetypatch.train.distributed import Launch, export_if_sharded, launch_of, resolve_precision
 from safetypatch.train.examples import TokenizedExample, check_supervision, end_of_turn_ids
 from safetypatch.train.loss import completion_loss
 from safetypatch.train.recipes import PatchRecipe
@@ -51,13 +56,17 @@ class TrainResult:
     """What a refusal-SFT run produced and measured (recorded in the patch manifest).
 
     Attributes:
-        model: the trained model (a PEFT model in LoRA mode, the fine-tuned model in full mode).
-        loss_history: (step, loss) after every optimiser step.
+        model: the trained model (a PEFT model in LoRA mode, the fine-tuned model in full mode), unwrapped from any
+            distributed wrapper; after FSDP or DeepSpeed its parameters may be shards: save from ``exported``.
+        loss_history: (step, loss) after every optimiser step (the loss of the global batch, on every process).
         steps: optimiser steps done.
         seconds: wall time of the training loop.
-        tokens_per_second: input tokens (padding excluded) processed per second of training.
+        tokens_per_second: input tokens (padding excluded) of all processes per second of training.
         supervised_fraction: share of tokens that carry a label (§3.1 step 4).
         regularizer: final R per penalised module (empty without the regulariser).
+        launch: how the run was distributed and its precision.
+        exported: on the main process of an FSDP or DeepSpeed run, the folder Trainer gathered the trained weights
+            into (a PEFT adapter folder in LoRA mode, a model folder in full mode); None otherwise.
     """
 
     model: Any = field(repr=False, compare=False)
@@ -67,11 +76,15 @@ class TrainResult:
     tokens_per_second: float
     supervised_fraction: float
     regularizer: dict[str, float] = field(default_factory=dict)
+    launch: Launch = field(default_factory=lambda: Launch("NO", 1, "fp32"))
+    exported: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The training block of a manifest (everything but the model)."""
-        out = {key: value for key, value in asdict(self).items() if key != "model"}
+        """The training block of a manifest (everything but the model and the export folder)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model", "exported")}
         out["loss_history"] = [list(pair) for pair in self.loss_history]
+        out["regularizer"] = dict(self.regularizer)
+        out["launch"] = self.launch.to_dict()
         return out
 
 
@@ -93,7 +106,8 @@ def train_refusal_patch(
         train_examples: output of :func:`safetypatch.train.examples.tokenize_examples`.
         recipe: the recipe; ``max_length`` must already have been applied when tokenising.
         output_dir: the trainer's working folder (no checkpoints are written; save the patch with
-            :func:`safetypatch.patch.artifact.save_patch`).
+            :func:`safetypatch.patch.artifact.save_patch`). After FSDP or DeepSpeed, the main process finds the
+            gathered weights in ``output_dir / "trained"`` (``TrainResult.exported``).
         callbacks: extra ``transformers.TrainerCallback`` objects (e.g. early stopping).
         progress: called with a :class:`TrainProgress` after every optimiser step.
 
@@ -102,7 +116,8 @@ def train_refusal_patch(
 
     Raises:
         DataError: no examples, or a §3.1 runtime assertion fails on the labels TRL built.
-        ConfigError: the recipe's modules or layer range do not fit the model.
+        ConfigError: the recipe's modules or layer range do not fit the model, or its precision contradicts the
+            launcher's.
     """
     trainer = make_trainer(model, tokenizer, train_examples, recipe, output_dir, callbacks, progress)
     fraction = check_supervision(trainer.train_dataset["labels"], end_of_turn_ids(tokenizer))
@@ -114,11 +129,14 @@ def train_refusal_patch(
     if trainer.regularizer is not None:
         with torch.no_grad():
             final_r = {name: float(value) for name, value in trainer.regularizer.per_module().items()}
-    trainer.model.eval()
+    exported = export_if_sharded(trainer, Path(output_dir) / "trained")
+    tokens = float(trainer.accelerator.reduce(torch.tensor(float(trainer.tokens_seen), device=trainer.args.device),
+                                              reduction="sum"))
+    trained = trainer.accelerator.unwrap_model(trainer.model).eval()
     return TrainResult(
-        model=trainer.model, loss_history=tuple(trainer.recorder.history), steps=trainer.state.global_step,
-        seconds=seconds, tokens_per_second=trainer.tokens_seen / seconds if seconds > 0 else 0.0,
-        supervised_fraction=fraction, regularizer=final_r,
+        model=trained, loss_history=tuple(trainer.recorder.history), steps=trainer.state.global_step,
+        seconds=seconds, tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
+        supervised_fraction=fraction, regularizer=final_r, launch=launch_of(trainer), exported=exported,
     )
 
 
@@ -138,7 +156,8 @@ def make_trainer(
 
     Raises:
         DataError: no examples.
-        ConfigError: the recipe's modules or layer range do not fit the model.
+        ConfigError: the recipe's modules or layer range do not fit the model, its precision contradicts the
+            launcher's, or it has the overlap regulariser under FSDP or DeepSpeed.
     """
     if not train_examples:
         raise DataError("train_refusal_patch: no training examples; build some with tokenize_examples.")
@@ -162,6 +181,10 @@ def make_trainer(
             data_collator=_WeightedCollator(_pad_id(tokenizer)), callbacks=[recorder, *(callbacks or [])],
             regularizer=regularizer, lead=(recipe.lead_tokens, recipe.lead_weight),
         )
+    if regularizer is not None and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        raise ConfigError("the overlap regulariser reads the LoRA factors and W_0 directly, which FSDP and DeepSpeed "
+                          "shard or recast; train a regularised recipe in one process or with DDP (accelerate "
+                          "preset multi_gpu).")
     trainer.remove_callback(PrinterCallback)  # library code reports through `progress`, never stdout
     trainer.recorder = recorder
     return trainer
@@ -197,9 +220,7 @@ def _sft_config(recipe: PatchRecipe, output_dir: Path) -> Any:
     from trl import SFTConfig
 
     cuda = torch.cuda.is_available()
-    precision = recipe.precision
-    if precision == "auto":
-        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    precision = resolve_precision(recipe.precision)
     return SFTConfig(
         output_dir=str(output_dir), completion_only_loss=True, packing=False,
         # Examples arrive truncated from the left of the prompt; TRL's own truncation would cut the completion.
@@ -213,7 +234,8 @@ def _sft_config(recipe: PatchRecipe, output_dir: Path) -> Any:
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not cuda,
         activation_checkpointing=recipe.gradient_checkpointing,
         # Batches of similar length: random batches of refusal and retain examples waste ~47% of the tokens on
-        # padding (SmolLM2, the default sets); megabatches are still shuffled.
+        # padding (SmolLM2, the default sets); megabatches are still shuffled. Grouped over the global batch
+        # (RefusalSFTTrainer._get_train_sampler).
         train_sampling_strategy="group_by_length",
         logging_steps=1, save_strategy="no", report_to="none", dataloader_num_workers=0, disable_tqdm=True,
     )
@@ -312,10 +334,29 @@ def _trainer_class() -> type:
             if self._signature_columns is None:
                 self._signature_columns = ["input_ids", "labels", "loss_weight"]
 
+        def _get_train_sampler(self, train_dataset=None):
+            # Trainer groups lengths per process and shuffles with the global RNG, for which accelerate substitutes
+            # a generator of its own under several processes. Grouping over the global batch (every process's share
+            # of one optimiser step) with a generator seeded by data_seed gives the same batches, and so the same
+            # loss curve, whatever the number of processes.
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            args = self.args
+            return LengthGroupedSampler(
+                args.train_batch_size * args.gradient_accumulation_steps * args.world_size,
+                dataset=self.train_dataset if train_dataset is None else train_dataset, model_input_name="input_ids",
+                generator=torch.Generator().manual_seed(args.data_seed if args.data_seed is not None else args.seed))
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             weights = inputs.pop("loss_weight", None)
             labels = inputs.pop("labels")
-            loss, count = completion_loss(model, inputs, labels, weights, num_items_in_batch, *self.lead)
+            wrapped = self.is_fsdp_enabled or self.accelerator.unwrap_model(model) is not model
+            loss, count = completion_loss(model, inputs, labels, weights, num_items_in_batch, lead_tokens=self.lead[0],
+                                          lead_weight=self.lead[1], wrapped=wrapped)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # As SFTTrainer.compute_loss: num_items_in_batch counts every process's tokens while DDP averages
+                # the gradients over the processes. The penalty below is the same on every process: not scaled.
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
             mode = "train" if model.training else "eval"
             self._metrics[mode]["supervised_tokens"].append(float(count))
             if self.regularizer is not None:

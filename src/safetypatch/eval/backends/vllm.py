@@ -5,6 +5,10 @@ it. Prompts are rendered and tokenised by the same code as the HF backend (:mod:
 handed to vLLM as token ids, so both backends see identical inputs and record identical prompt hashes. vLLM LoRA
 paths have silently returned base-model outputs before (METHODS.md §5.8), which is why a run is only trusted after
 :func:`parity_check` on the first prompts.
+
+A safety patch is served unmerged, as vLLM serves any PEFT LoRA folder: the engine is built with ``enable_lora``
+and a ``max_lora_rank`` vLLM accepts, and every request carries one ``LoRARequest`` (:class:`VllmAdapter`). The
+parity check then compares against the HF model carrying the same patch.
 """
 
 from __future__ import annotations
@@ -28,6 +32,68 @@ from safetypatch.eval.generate import (
 logger = logging.getLogger(__name__)
 
 _FINISH = {"stop": "eos", "length": "length"}
+# vllm.config.lora.MaxLoRARanks: the only max_lora_rank values the engine accepts.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True)
+class VllmAdapter:
+    """A PEFT LoRA folder served by vLLM next to the unmerged base weights.
+
+    Attributes:
+        path: the adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+        rank: its LoRA rank r.
+        name: the ``lora_name`` of the request.
+        int_id: the ``lora_int_id`` of the request (vLLM wants a positive id per distinct adapter).
+    """
+
+    path: Path
+    rank: int
+    name: str = "safetypatch"
+    int_id: int = 1
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> VllmAdapter:
+        """Read and check a patch folder for vLLM: a plain LoRA adapter (``load_patch`` refuses DoRA, bias and
+        ``modules_to_save`` adapters, which vLLM does not load either) of a rank vLLM serves.
+
+        Raises:
+            PatchError: not a readable plain LoRA adapter.
+            ConfigError: its rank is above the largest rank vLLM serves.
+        """
+        from safetypatch.patch.artifact import load_patch
+
+        patch = load_patch(Path(folder))
+        max_lora_rank(patch.rank)
+        return cls(Path(folder), patch.rank)
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The ``vllm.LLM`` arguments that enable serving this adapter."""
+        return {"enable_lora": True, "max_lora_rank": max_lora_rank(self.rank), "max_loras": 1}
+
+    def request(self) -> Any:
+        """The ``vllm.lora.request.LoRARequest`` every prompt is generated with.
+
+        Raises:
+            ConfigError: vLLM is not installed.
+        """
+        _import_vllm()
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(self.name, self.int_id, str(self.path))
+
+
+def max_lora_rank(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that serves an adapter of rank ``rank``.
+
+    Raises:
+        ConfigError: ``rank`` exceeds vLLM's largest (512).
+    """
+    fitting = [value for value in VLLM_LORA_RANKS if value >= rank]
+    if not fitting:
+        raise ConfigError(f"a LoRA adapter of rank {rank} is above the largest rank vLLM serves "
+                          f"({VLLM_LORA_RANKS[-1]}); evaluate it with backend='hf' or merge it into the weights.")
+    return fitting[0]
 
 
 @dataclass(frozen=True)
@@ -58,13 +124,14 @@ def _import_vllm() -> Any:
     return vllm
 
 
-def load_vllm(model_path: str | Path, protocol: GenerationProtocol, max_lora_rank: int = 0, **llm_kwargs: Any) -> Any:
+def load_vllm(model_path: str | Path, protocol: GenerationProtocol, adapter: VllmAdapter | None = None,
+              **llm_kwargs: Any) -> Any:
     """A ``vllm.LLM`` for ``model_path`` in the protocol's dtype and seed.
 
     Args:
         model_path: local model folder (or Hub id on a connected machine).
         protocol: supplies ``dtype`` and ``seed``.
-        max_lora_rank: the largest adapter rank to serve; 0 disables LoRA.
+        adapter: a LoRA patch to serve (LoRA is enabled with a fitting ``max_lora_rank``), or None.
         **llm_kwargs: passed to ``vllm.LLM`` (``gpu_memory_utilization``, ``max_model_len``, ...).
 
     Returns:
@@ -74,7 +141,7 @@ def load_vllm(model_path: str | Path, protocol: GenerationProtocol, max_lora_ran
         ConfigError: vLLM is not installed.
     """
     vllm = _import_vllm()
-    lora = {"enable_lora": True, "max_lora_rank": max_lora_rank} if max_lora_rank else {}
+    lora = adapter.engine_kwargs() if adapter is not None else {}
     return vllm.LLM(model=str(model_path), dtype=protocol.dtype, seed=protocol.seed, **lora, **llm_kwargs)
 
 
@@ -83,17 +150,17 @@ def generate_vllm(
     tokenizer: Any,
     prompts: Sequence[str],
     protocol: GenerationProtocol,
-    adapter_path: str | Path | None = None,
+    adapter: VllmAdapter | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Generation]:
     """Generate under ``protocol`` with vLLM; same inputs, stop ids and bookkeeping as the HF backend.
 
     Args:
-        llm: from :func:`load_vllm` (with ``max_lora_rank`` ≥ the adapter's rank when ``adapter_path`` is given).
+        llm: from :func:`load_vllm` (given the same ``adapter`` when one is served).
         tokenizer: the HF tokenizer of the model (renders and tokenises the prompts).
         prompts: user turns.
         protocol: the generation settings.
-        adapter_path: a PEFT LoRA folder, served through ``vllm.lora.request.LoRARequest``.
+        adapter: the LoRA patch every prompt is generated with (its ``LoRARequest``), or None.
         progress: called once as ``progress(total, total)`` (vLLM batches internally).
 
     Returns:
@@ -117,11 +184,7 @@ def generate_vllm(
         stop_token_ids=list(stops),
         skip_special_tokens=True,
     )
-    lora = None
-    if adapter_path is not None:
-        from vllm.lora.request import LoRARequest
-
-        lora = LoRARequest("safetypatch_adapter", 1, str(adapter_path))
+    lora = adapter.request() if adapter is not None else None
     outputs = llm.generate(inputs, params, use_tqdm=False, lora_request=lora)
     if progress is not None:
         progress(len(outputs), len(prompts))

@@ -11,7 +11,7 @@ Role: builds the two inputs without training, then times the real CLI in fresh p
 Each is analysed twice: with an empty W_0 SVD cache (``cold``) and again with it filled (``warm``). It prints one
 JSON object of seconds per run plus the thread count. Usage::
 
-    python benchmarks/analysis_bench.py --out /tmp/analysis-bench [--no-hidden-shift]
+    python -m bench.analysis_bench --out /tmp/analysis-bench [--no-hidden-shift]
 """
 
 from __future__ import annotations

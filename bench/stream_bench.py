@@ -11,36 +11,32 @@ processes, so that each phase's peak RSS is its own:
   the real restoration methods plug in through the ``op`` argument of :func:`run_benchmark`.
 
 It prints one JSON object: sizes, times, their ratio (acceptance: ≤ 2) and the combination's peak RSS (acceptance:
-< 2 GB for a checkpoint of ≥ 3 GB). Usage::
+< 2 GB for a checkpoint of ≥ 3 GB). The restoration methods themselves, through the real ``restore`` runner, are
+measured by :mod:`bench.restore_bench` on the same checkpoints. Usage (from the repository root)::
 
-    python benchmarks/stream_bench.py --size-gb 3 --out /data/stream-bench --keep
+    python -m bench.stream_bench --size-gb 3 --out /data/stream-bench --keep --json stream.json
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import multiprocessing
-import resource
 import shutil
-import sys
 import tempfile
 import time
 import zlib
 from collections.abc import Callable, Mapping
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.common import GB, emit, in_fresh_process, parse, parser, peak_rss_bytes
 from safetypatch.weights.stream import CheckpointReader, CheckpointWriter, aligned, plan, select_names
 
 Op = Callable[[str, Mapping[str, torch.Tensor]], torch.Tensor]
 ROLES = {"base_model": "base", "aligned_model": "aligned", "target_model": "target"}
-GB = 10**9
 RSS_LIMIT_BYTES = 2 * GB
 TIME_RATIO_LIMIT = 2.0
 VOCAB = 32000
@@ -153,12 +149,7 @@ def resta_like(name: str, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return tensors["target_model"] + (tensors["aligned_model"] - tensors["base_model"])
 
 
-def _peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
-
-
-def _generate_phase(root: Path, shape: Shape, dtype_name: str, shard_bytes: int) -> dict[str, float]:
+def generate_phase(root: Path, shape: Shape, dtype_name: str, shard_bytes: int) -> dict[str, float]:
     start = time.perf_counter()
     dtype = getattr(torch, dtype_name)
     base = root / "base"
@@ -167,20 +158,20 @@ def _generate_phase(root: Path, shape: Shape, dtype_name: str, shard_bytes: int)
     generate_base(base, shape, dtype, shard_bytes)
     perturb(base, root / "aligned", seed=1, shard_bytes=shard_bytes)
     perturb(root / "aligned", root / "target", seed=2, shard_bytes=shard_bytes)
-    return {"seconds": time.perf_counter() - start, "peak_rss_bytes": _peak_rss_bytes()}
+    return {"seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes()}
 
 
-def _read_phase(folders: list[Path]) -> dict[str, float]:
+def read_phase(folders: list[Path]) -> dict[str, float]:
     start = time.perf_counter()
     for folder in folders:
         reader = CheckpointReader(folder)
         for name in reader.names():
             reader.get(name).clone()  # fault every page of the mapping in: a real read
-    return {"seconds": time.perf_counter() - start, "peak_rss_bytes": _peak_rss_bytes()}
+    return {"seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes()}
 
 
 def _combine_phase(root: Path, out: Path, op: Op, shard_bytes: int) -> dict[str, Any]:
-    baseline = _peak_rss_bytes()
+    baseline = peak_rss_bytes()
     start = time.perf_counter()
     readers = {role: CheckpointReader(root / sub) for role, sub in ROLES.items()}
     names = select_names(readers["target_model"], "linear")
@@ -190,15 +181,9 @@ def _combine_phase(root: Path, out: Path, op: Op, shard_bytes: int) -> dict[str,
         for name, tensors in aligned(readers, names):
             writer.add(name, op(name, tensors))
         writer.finish()
-    return {"seconds": time.perf_counter() - start, "peak_rss_bytes": _peak_rss_bytes(),
+    return {"seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes(),
             "rss_before_bytes": baseline, "streamed_tensors": len(names),
             "planned_peak_bytes": estimate.peak_host_bytes}
-
-
-def _in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run ``fn`` in a new interpreter, so its peak RSS is its own."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
 
 
 def _spot_check(root: Path, out: Path, op: Op) -> float:
@@ -228,11 +213,11 @@ def run_benchmark(size_gb: float, root: Path, *, dtype: str = "bfloat16", shard_
     torch_dtype = getattr(torch, dtype)
     shape = shape_for(size_gb * GB, torch_dtype)
     shard_bytes = int(shard_gb * GB)
-    generated = _in_fresh_process(_generate_phase, root, shape, dtype, shard_bytes)
+    generated = in_fresh_process(generate_phase, root, shape, dtype, shard_bytes)
     folders = [root / sub for sub in ROLES.values()]
-    read = _in_fresh_process(_read_phase, folders)
-    combine = _in_fresh_process(_combine_phase, root, root / "out", op, shard_bytes)
-    read_again = _in_fresh_process(_read_phase, folders)
+    read = in_fresh_process(read_phase, folders)
+    combine = in_fresh_process(_combine_phase, root, root / "out", op, shard_bytes)
+    read_again = in_fresh_process(read_phase, folders)
     read_s = min(read["seconds"], read_again["seconds"])
     checkpoint_bytes = sum(f.stat().st_size for f in (root / "base").glob("*.safetensors"))
     return {
@@ -255,26 +240,40 @@ def run_benchmark(size_gb: float, root: Path, *, dtype: str = "bfloat16", shard_
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse the command line, run the benchmark, print its JSON, and clean up unless ``--keep``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-gb", type=float, default=3.0, help="size of each checkpoint in GB (default 3)")
-    parser.add_argument("--out", type=Path, default=None, help="working folder (default: a new temporary folder)")
-    parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints and the output")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="storage dtype")
-    parser.add_argument("--shard-gb", type=float, default=1.0, help="shard size in GB (default 1)")
-    args = parser.parse_args(argv)
-    root = args.out or Path(tempfile.mkdtemp(prefix="stream-bench-"))
+def checkpoint_arguments(description: str) -> Any:
+    """The flags of the benchmarks over generated checkpoints (this one and :mod:`bench.restore_bench`)."""
+    arguments = parser(description)
+    arguments.add_argument("--size-gb", type=float, default=3.0, help="size of each checkpoint in GB (default 3)")
+    arguments.add_argument("--out", type=Path, default=None, help="working folder (default: a new temporary one)")
+    arguments.add_argument("--keep", action="store_true", help="keep the generated checkpoints and the output")
+    arguments.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="storage dtype")
+    arguments.add_argument("--shard-gb", type=float, default=1.0, help="shard size in GB (default 1)")
+    return arguments
+
+
+def in_work_folder(args: Any, run: Callable[[Path], dict[str, Any]], outputs: tuple[str, ...]) -> dict[str, Any]:
+    """``run(root)`` in ``--out`` (or a temporary folder); the checkpoints and ``outputs`` are removed afterwards
+    unless ``--keep``."""
+    root = args.out or Path(tempfile.mkdtemp(prefix="checkpoint-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        result = run_benchmark(args.size_gb, root, dtype=args.dtype, shard_gb=args.shard_gb)
+        result = run(root)
     finally:
         if not args.keep:
-            for sub in (*ROLES.values(), "out"):
+            for sub in (*ROLES.values(), *outputs):
                 shutil.rmtree(root / sub, ignore_errors=True)
             if args.out is None:
                 shutil.rmtree(root, ignore_errors=True)
-    print(json.dumps({**result, "folder": str(root) if args.keep else None}, indent=2))
+    return {**result, "folder": str(root) if args.keep else None}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line, run the benchmark, print (and with ``--json`` write) its JSON; clean up unless
+    ``--keep``."""
+    args = parse(checkpoint_arguments(__doc__.split("\n\n")[0]), argv)
+    result = in_work_folder(args, lambda root: run_benchmark(args.size_gb, root, dtype=args.dtype,
+                                                             shard_gb=args.shard_gb), ("out",))
+    emit(result, args, argv, __spec__.name)
 
 
 if __name__ == "__main__":
