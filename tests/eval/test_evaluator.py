@@ -25,7 +25,7 @@ def _plan(tasks, **limits):
 
 def test_every_task_file_and_preset_is_valid():
     assert {"harmbench", "xstest-safe", "arc-easy", "piqa", "hellaswag", "mmlu", "gsm8k", "drift"} <= set(TASKS)
-    for name in ("quick", "full"):
+    for name in ("demo", "quick", "standard", "full"):
         preset = load_preset(name)
         assert set(preset.tasks) <= set(TASKS)
         assert set(preset.limits) <= set(preset.tasks)
