@@ -24,20 +24,38 @@ def package_versions() -> dict[str, str | None]:
 
 
 def git_hash() -> str | None:
-    """Commit of the safetypatch source checkout, read from ``.git`` files; ``None`` for an installed wheel."""
+    """Commit of the safetypatch source checkout (a clone or a ``git worktree``), read from its git files; ``None``
+    for an installed wheel."""
     for parent in Path(__file__).resolve().parents:
-        git = parent / ".git"
-        if git.is_dir():
-            head = (git / "HEAD").read_text().strip()
-            if not head.startswith("ref: "):
-                return head
-            ref = head[5:]
-            if (git / ref).is_file():
-                return (git / ref).read_text().strip()
-            packed = git / "packed-refs"
-            lines = packed.read_text().splitlines() if packed.is_file() else []
-            return next((ln.split()[0] for ln in lines if ln.endswith(f" {ref}")), None)
+        found = _git_dirs(parent / ".git")
+        if found is not None:
+            return _resolve_head(*found)
     return None
+
+
+def _git_dirs(git: Path) -> tuple[Path, Path] | None:
+    """(the checkout's own git dir, the repository's common dir): equal for a clone; a worktree's ``.git`` file
+    names its own dir, whose ``commondir`` file names the shared one (where branches and packed refs live)."""
+    if git.is_dir():
+        return git, git
+    if not git.is_file() or not (text := git.read_text().strip()).startswith("gitdir: "):
+        return None
+    own = (git.parent / text[8:]).resolve()
+    common = own / "commondir"
+    return own, (own / common.read_text().strip()).resolve() if common.is_file() else own
+
+
+def _resolve_head(own: Path, common: Path) -> str | None:
+    head = (own / "HEAD").read_text().strip()
+    if not head.startswith("ref: "):
+        return head
+    ref = head[5:]
+    for folder in (own, common):
+        if (folder / ref).is_file():
+            return (folder / ref).read_text().strip()
+    packed = common / "packed-refs"
+    lines = packed.read_text().splitlines() if packed.is_file() else []
+    return next((ln.split()[0] for ln in lines if ln.endswith(f" {ref}")), None)
 
 
 def detect_device() -> str:
