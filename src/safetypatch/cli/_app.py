@@ -1,0 +1,118 @@
+"""The typer app and what every verb shares: consoles, the error wrapper, progress bars, option parsers."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from safetypatch.errors import SafetypatchError
+
+app = typer.Typer(
+    name="safetypatch",
+    help="Safety patches for open chat LLMs: train, apply, restore, analyse and evaluate.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file of options; flags given here win.")]
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a SafetypatchError into a one-paragraph message and exit code 2, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SafetypatchError as exc:
+            console.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(2) from exc
+
+    return wrapper
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
+    # The CLI draws its own progress bars; the per-file bars of transformers and the Hub would interleave with them.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Under accelerate launch (or torchrun) every process runs the CLI; only the first one talks.
+    console.quiet = out.quiet = os.environ.get("RANK", "0") != "0"
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+
+
+class TaskBars:
+    """The ``(what, done, total)`` progress callback of the api verbs, drawn as one bar per ``what``."""
+
+    def __init__(self, display: Progress) -> None:
+        self.display = display
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, what: str, done: int, total: int | None) -> None:
+        self.bars.setdefault(what, self.display.add_task(what, total=total))
+        self.display.update(self.bars[what], completed=done, total=total)
+
+    def reset(self) -> None:
+        """Start new bars for the next step (a ``what`` seen before gets a bar of its own again)."""
+        self.bars.clear()
+
+
+@contextlib.contextmanager
+def task_bars() -> Iterator[TaskBars]:
+    """A live progress display on the stderr console (silent off a terminal) and its callback."""
+    display = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=console, disable=not console.is_terminal,
+    )
+    with display:
+        yield TaskBars(display)
+
+
+def key_value_table(title: str, rows: dict[str, str]) -> Table:
+    table = Table(show_header=False, title=title)
+    for key, value in rows.items():
+        table.add_row(key, value)
+    return table
+
+
+def paths(values: list[str] | None) -> list[Path] | None:
+    """Repeated and comma-separated path options as paths; None when not given."""
+    return [Path(part) for value in values or [] for part in split(value) or []] or None
+
+
+def pairs(text: str | None) -> dict[str, str] | None:
+    """``a=1,b=2`` → ``{"a": "1", "b": "2"}`` (pydantic converts the values); None when not given."""
+    if not text:
+        return None
+    found = [part.split("=", 1) for part in split(text) or []]
+    bad = [part for part in found if len(part) != 2]
+    if bad:
+        raise typer.BadParameter(f"expected name=value pairs, got {'='.join(bad[0])!r}")
+    return {key.strip(): value.strip() for key, value in found}
+
+
+def split(text: str | None) -> list[str] | None:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None

@@ -1,0 +1,79 @@
+"""Verbs that measure and show: eval, report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from safetypatch.cli._app import ConfigOpt, app, console, friendly, out, pairs, paths, split, task_bars
+
+
+@app.command("eval")
+@friendly
+def eval_(
+    config: ConfigOpt = None,
+    model: Annotated[str | None, typer.Option(help="Model: catalog name, folder, .gguf or Hub id.")] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision (Hub ids only).")] = None,
+    adapter: Annotated[list[str] | None, typer.Option(
+        help="Safety patch folder to evaluate; repeat or comma-separate for several (combined in ΔW).")] = None,
+    merge_adapter: Annotated[bool | None, typer.Option("--merge-adapter", help="Merge instead of attach.")] = None,
+    merge_scale: Annotated[float | None, typer.Option(help="Merge scale gamma (with --merge-adapter).")] = None,
+    reference_model: Annotated[str | None, typer.Option(help="Reference model of the drift task.")] = None,
+    preset: Annotated[str | None, typer.Option(help="quick (CPU minutes) or full.")] = None,
+    tasks: Annotated[str | None, typer.Option(help="Comma-separated tasks instead of the preset's.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Most rows per task (seeded sample).")] = None,
+    limits: Annotated[str | None, typer.Option(help="Per-task rows, e.g. harmbench=100,arc-easy=200.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Generation length of safety tasks.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Generation batch / MC items per forward.")] = None,
+    judges: Annotated[str | None, typer.Option(help="Comma-separated judges (keyword, embedding, ...).")] = None,
+    system_prompt: Annotated[str | None, typer.Option(help="System turn sent with every prompt.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16.")] = None,
+    backend: Annotated[str | None, typer.Option(help="hf (reference) or vllm (parity-gated, GPU).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of sampling and generation.")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Results folder.")] = None,
+    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace existing results.")] = None,
+) -> None:
+    """Evaluate safety, over-refusal and capability; write lm-eval-shaped results."""
+    from safetypatch import api
+    from safetypatch.config import load_config
+
+    cfg = load_config(api.EvalConfig, config, dict(
+        model=model, revision=revision, adapter=paths(adapter), merge_adapter=merge_adapter, merge_scale=merge_scale,
+        reference_model=reference_model,
+        preset=preset, tasks=split(tasks), limit=limit, limits=pairs(limits), max_new_tokens=max_new_tokens,
+        batch_size=batch_size, judges=split(judges),
+        system_prompt=system_prompt, dtype=dtype, backend=backend, seed=seed, output_dir=output_dir,
+        overwrite=overwrite))
+    console.print(f"[bold]safetypatch eval[/] {cfg.model}, preset {cfg.preset}")
+    with task_bars() as report:
+        result = api.evaluate(cfg, progress=report)
+    table = Table(title=f"{cfg.model}: headline metrics (95% CI in the results file)")
+    for col in ("task", "metric,filter", "value"):
+        table.add_column(col)
+    for task, metrics in result.headline.items():
+        for key, value in metrics.items():
+            table.add_row(task, key, f"{value:.3f}")
+    out.print(table)
+    console.print(f"[green]done[/] in {result.seconds / 60:.1f} min: {result.path}")
+
+
+@app.command()
+@friendly
+def report(
+    results: Annotated[list[Path] | None, typer.Argument(help="Results JSON files (first = the 'before').")] = None,
+    analysis: Annotated[list[Path] | None, typer.Option(
+        "--analysis", help="analysis.json (or its folder) of `safetypatch analyze`; repeat for several.")] = None,
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path("report.html"),
+    labels: Annotated[str | None, typer.Option(help="Comma-separated labels, one per results file.")] = None,
+    title: Annotated[str, typer.Option(help="Page title.")] = "safetypatch report",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report.")] = False,
+) -> None:
+    """Render results files (and subspace analyses) as one HTML page with tables, plots and protocols."""
+    from safetypatch.report import write_report
+
+    path = write_report(results or [], out_path, labels=split(labels), title=title, overwrite=overwrite,
+                        analyses=analysis or [])
+    console.print(f"[green]wrote[/] {path}")
