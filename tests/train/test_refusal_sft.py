@@ -128,14 +128,19 @@ def test_supervised_logits_equal_the_models_own_with_softcapping(arch):
     assert not fast_path_supported(model)  # an unknown logit transform takes the model's own forward
 
 
-def test_loss_weights_scale_each_examples_tokens():
-    model, tok = build_tiny_model("llama")
-    pairs = [SFTExample("a", "No.", "refusal"), SFTExample("b", "Sure.", "retain")]
+def padded_batch(tok, pairs):
+    """Tokenised pairs, right-padded into one batch: (examples, inputs, labels)."""
     data = tokenize_examples(tok, pairs, max_length=64)
     width = max(len(ex.input_ids) for ex in data)
     ids = torch.tensor([list(ex.input_ids) + [PAD] * (width - len(ex.input_ids)) for ex in data])
     labels = torch.tensor([ex.labels + [-100] * (width - len(ex.input_ids)) for ex in data])
-    inputs = {"input_ids": ids, "attention_mask": (labels != -100) | (ids != PAD)}
+    return data, {"input_ids": ids, "attention_mask": (labels != -100) | (ids != PAD)}, labels
+
+
+def test_loss_weights_scale_each_examples_tokens():
+    model, tok = build_tiny_model("llama")
+    pairs = [SFTExample("a", "No.", "refusal"), SFTExample("b", "Sure.", "retain")]
+    data, inputs, labels = padded_batch(tok, pairs)
     with torch.no_grad():
         both, n = completion_loss(model, dict(inputs), labels, torch.tensor([1.0, 1.0]))
         first, _ = completion_loss(model, dict(inputs), labels, torch.tensor([1.0, 0.0]))
@@ -149,11 +154,7 @@ def test_loss_weights_scale_each_examples_tokens():
 def test_lead_tokens_weigh_only_the_first_supervised_tokens_of_each_example():
     model, tok = build_tiny_model("llama")
     pairs = [SFTExample("a", "No, not that one.", "refusal"), SFTExample("b", "Sure, here it is.", "retain")]
-    data = tokenize_examples(tok, pairs, max_length=64)
-    width = max(len(ex.input_ids) for ex in data)
-    ids = torch.tensor([list(ex.input_ids) + [PAD] * (width - len(ex.input_ids)) for ex in data])
-    labels = torch.tensor([ex.labels + [-100] * (width - len(ex.input_ids)) for ex in data])
-    inputs = {"input_ids": ids, "attention_mask": (labels != -100) | (ids != PAD)}
+    _, inputs, labels = padded_batch(tok, pairs)
     with torch.no_grad():
         logits = model(**inputs).logits[:, :-1].float()
         nll = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="none")  # 0 where -100
