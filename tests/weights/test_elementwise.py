@@ -210,3 +210,17 @@ def test_byte_range_points_at_the_stored_bytes(bf16_template):
         fh.seek(offset)
         raw = fh.read(nbytes)
     assert raw == reader.get(NAME).reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def test_chunk_buffers_are_reused_between_tensors_without_carrying_values(monkeypatch):
+    monkeypatch.setattr(elementwise, "CHUNK_ELEMENTS", 64)
+    big, small = _inputs((20, 10)), _inputs((5, 3), seed=1)
+    first = Elementwise(big, _op_in_place)
+    pointers = {c.data_ptr() for c in first.chunks(torch.bfloat16)}
+    assert len(pointers) == 1  # one output buffer for every chunk
+    second = Elementwise(small, _op_in_place)
+    chunks = [c.clone() for c in second.chunks(torch.bfloat16)]
+    assert torch.equal(torch.cat(chunks), _op({r: t.float() for r, t in small.items()}).to(torch.bfloat16).view(-1))
+    buffer = elementwise.borrow(10)
+    elementwise.give_back(buffer)
+    assert elementwise.borrow(10).data_ptr() == buffer.data_ptr()

@@ -15,7 +15,14 @@ import torch
 from pydantic import Field
 
 from safetypatch.restore.base import RestoreConfig, RestoreContext, RestoredTensor, RestoreMethod
-from safetypatch.weights.elementwise import Elementwise, any_difference, chunk_sum_of_squares, sum_of_squares
+from safetypatch.weights.elementwise import (
+    Elementwise,
+    any_difference,
+    borrow,
+    chunk_sum_of_squares,
+    give_back,
+    sum_of_squares,
+)
 from safetypatch.weights.linalg import dare
 
 
@@ -117,7 +124,7 @@ class RESTA(RestoreMethod):
             nonlocal scratch
             aligned, target = c["aligned_model"], c["target_model"]
             if scratch.numel() < target.numel():
-                scratch = torch.empty(target.numel())
+                scratch = borrow(target.numel())
             sums["target"] += chunk_sum_of_squares(target, scratch)
             delta_safe = torch.sub(aligned, c["unsafe_model"], out=c["unsafe_model"])
             if generator is not None:  # as linalg.dare on target − aligned, then aligned + the sparse delta
@@ -130,6 +137,7 @@ class RESTA(RestoreMethod):
             return target.add_(step)
 
         def done() -> None:
+            give_back(scratch)
             if generator is not None:
                 numel = math.prod(x["target_model"].shape)
                 report["dare_keep_fraction"] = sums["kept"] / numel if numel else 1.0

@@ -15,6 +15,7 @@ may differ from a whole-tensor reduction in the last digits (about 1e-7 relative
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -25,6 +26,37 @@ CHUNK_ELEMENTS = 1 << 20
 ChunkFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 """role → that role's fp32 chunk (flat; a buffer the function may overwrite) → the fp32 result chunk (flat, of
 the same length; it may be one of the input buffers)."""
+
+
+class _Pool(threading.local):
+    """Chunk-sized buffers kept between tensors, per thread: a new 4 MiB buffer per role and tensor pays its page
+    faults again each time (the allocator hands blocks this big back to the kernel), about a fifth of a RESTA run.
+    At most :data:`_POOL_CAP` buffers per dtype are kept (a few tens of MiB)."""
+
+    def __init__(self) -> None:
+        self.free: dict[torch.dtype, list[torch.Tensor]] = {}
+
+
+_POOL = _Pool()
+_POOL_CAP = 8
+
+
+def borrow(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A flat buffer of ``n`` elements (uninitialised) from this thread's pool; :func:`give_back` returns it."""
+    free = _POOL.free.setdefault(dtype, [])
+    for i in range(len(free) - 1, -1, -1):  # the last returned first: the likeliest to be in cache
+        if free[i].numel() >= n:
+            return free.pop(i)[:n]
+    return torch.empty(max(n, CHUNK_ELEMENTS), dtype=dtype)[:n]
+
+
+def give_back(*buffers: torch.Tensor) -> None:
+    """Return buffers from :func:`borrow` to the pool (whole; the caller must not use them any more)."""
+    for buffer in buffers:
+        whole = torch.empty(0, dtype=buffer.dtype).set_(buffer.untyped_storage())
+        free = _POOL.free.setdefault(buffer.dtype, [])
+        if len(free) < _POOL_CAP and CHUNK_ELEMENTS <= whole.numel() <= 4 * CHUNK_ELEMENTS:
+            free.append(whole)
 
 
 def chunk_ranges(numel: int, chunk: int | None = None) -> Iterator[tuple[int, int]]:
@@ -73,7 +105,8 @@ class Elementwise:
     def chunks(self, dtype: torch.dtype = torch.float32) -> Iterator[torch.Tensor]:
         """The result as consecutive flat CPU chunks cast to ``dtype``.
 
-        Each chunk is a view of a buffer reused for the next one: use (write, copy) it before asking for the next.
+        Each chunk is a view of a buffer reused for the next one (and, once this is exhausted, by the next
+        Elementwise): use (write, copy) it before asking for the next.
 
         Raises:
             RuntimeError: the tensor was already consumed.
@@ -82,18 +115,21 @@ class Elementwise:
             raise RuntimeError(f"{self!r} was already consumed; each Elementwise is computed once.")
         self._consumed = True
         size = min(self._chunk, self.numel)
-        buffers = {role: torch.empty(size, dtype=torch.float32) for role in self._flat}
-        out = None if dtype == torch.float32 else torch.empty(size, dtype=dtype)
-        for start, stop in chunk_ranges(self.numel, self._chunk):
-            n = stop - start
-            views = {role: buffers[role][:n] for role in self._flat}
-            for role, flat in self._flat.items():
-                views[role].copy_(flat[start:stop])  # the upcast (or a copy), into a cache-resident buffer
-            result = self._fn(views)
-            if out is None:
-                yield result
-            else:
-                yield out[:n].copy_(result)
+        buffers = {role: borrow(size) for role in self._flat}
+        out = None if dtype == torch.float32 else borrow(size, dtype)
+        try:
+            for start, stop in chunk_ranges(self.numel, self._chunk):
+                n = stop - start
+                views = {role: buffers[role][:n] for role in self._flat}
+                for role, flat in self._flat.items():
+                    views[role].copy_(flat[start:stop])  # the upcast (or a copy), into a cache-resident buffer
+                result = self._fn(views)
+                if out is None:
+                    yield result
+                else:
+                    yield out[:n].copy_(result)
+        finally:
+            give_back(*buffers.values(), *([] if out is None else [out]))
         if self._on_done is not None:
             self._on_done()
 
