@@ -3,13 +3,15 @@
 
 On the randomly initialised llama-shaped checkpoints of :mod:`bench.stream_bench` (``base``; ``aligned`` = base +
 noise; ``target`` = aligned + noise; size set by ``--size-gb``), RESTA (§3.5, defaults) repairs ``target`` with
-δ_safe = aligned − base (``base`` plays the unsafe model), three ways, each in a fresh process so that each peak RSS
+δ_safe = aligned − base (``base`` plays the unsafe model). Measured, each in a fresh process so that each peak RSS
 is its own:
 
 - ``read``: reading every tensor of the three checkpoints from the page cache, the floor (the faster of a run
   before and one after the others);
 - ``streamed``: :func:`safetypatch.restore.runner.run_restore`, the code ``safetypatch restore`` runs: streamed
   tensor by tensor, written as a checkpoint with its report and provenance;
+- ``write``: writing one checkpoint's worth of bytes into a new file (the write side of the floor; reported next
+  to the ratios, not in them);
 - ``in_memory``: what reference implementations do: the three models loaded whole with ``from_pretrained``, the
   same per-tensor math (the method's own ``restore_tensor``) applied in place, ``save_pretrained``.
 
@@ -41,6 +43,7 @@ from bench.stream_bench import (
     measure,
     read_phase,
     shape_for,
+    write_phase,
 )
 
 # The synthetic checkpoints in the method's roles: δ_safe = aligned − base.
@@ -115,13 +118,15 @@ def run_benchmark(size_gb: float, root: Path, *, dtype: str = "bfloat16", shard_
     in_memory = measure(in_memory_phase, root, root / "in_memory")
     read_again = measure(read_phase, folders)
     read_s = min(read["seconds"], read_again["seconds"])
-    cold = cold_pair(folders, streamed_phase, root, root / "streamed_cold")
     checkpoint_bytes = sum(f.stat().st_size for f in (root / "base").glob("*.safetensors"))
+    write = measure(write_phase, root / "write.bin", checkpoint_bytes)
+    cold = cold_pair(folders, streamed_phase, root, root / "streamed_cold")
     return {
         "method": METHOD, "roles": RESTA_ROLES, "checkpoint_bytes": checkpoint_bytes,
         "shape": {"hidden": shape.hidden, "layers": shape.layers, "vocab": shape.vocab, "dtype": dtype},
         "generate_seconds": round(generated["seconds"], 3),
         "read_three_seconds": [round(read["seconds"], 3), round(read_again["seconds"], 3)],
+        "write_one_seconds": round(write["seconds"], 3),
         "streamed": {**streamed, "seconds": round(streamed["seconds"], 3)},
         "in_memory": {**in_memory, "seconds": round(in_memory["seconds"], 3)},
         "cold": {"read_three_seconds": round(cold["read"]["seconds"], 3),

@@ -6,6 +6,8 @@ processes, so that each phase's peak RSS is its own:
 
 - ``read``: reading every tensor of the three checkpoints (each tensor materialised in memory once), the floor
   any method that touches them pays; run before and after the combination, the faster run is the reference;
+- ``write``: writing one checkpoint's worth of bytes into a new file (after ``combine``, so that it takes new
+  page-cache pages as the combination's output did): the write side of the floor, reported, not in the ratio;
 - ``combine``: a per-tensor streamed combination of base, aligned and target over the ``linear`` scope, written
   as a new checkpoint with the untouched tensors copied (default op: RESTA-like target + (aligned − base) in fp32,
   computed chunk by chunk from the stored tensors, :class:`~safetypatch.weights.elementwise.Elementwise`); any
@@ -249,6 +251,23 @@ def cold_pair(folders: Sequence[Path], phase: Callable[..., dict[str, Any]], *ar
             "evicted": all(f is not None and f < 0.05 for f in fractions)}
 
 
+def write_phase(path: Path, nbytes: int) -> dict[str, float]:
+    """Write ``nbytes`` into a new file with ``pwrite`` from one 4 MiB buffer, then remove it: what writing an
+    output of that size costs by itself (the page-cache pages it needs included), the write side of the floor."""
+    chunk = memoryview(b"\x01" * (4 * 2**20))
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        done = 0
+        while done < nbytes:
+            done += os.pwrite(fd, chunk[:min(len(chunk), nbytes - done)], done)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return {"seconds": seconds, "peak_rss_bytes": peak_rss_bytes()}
+
+
 def read_phase(folders: list[Path]) -> dict[str, float]:
     start = time.perf_counter()
     for folder in folders:
@@ -307,8 +326,9 @@ def run_benchmark(size_gb: float, root: Path, *, dtype: str = "bfloat16", shard_
     combine = measure(_combine_phase, root, root / "out", op, shard_bytes)
     read_again = measure(read_phase, folders)
     read_s = min(read["seconds"], read_again["seconds"])
-    cold = cold_pair(folders, _combine_phase, root, root / "out_cold", op, shard_bytes)
     checkpoint_bytes = sum(f.stat().st_size for f in (root / "base").glob("*.safetensors"))
+    write = measure(write_phase, root / "write.bin", checkpoint_bytes)
+    cold = cold_pair(folders, _combine_phase, root, root / "out_cold", op, shard_bytes)
     return {
         "shape": {**asdict(shape), "intermediate": shape.intermediate, "kv_dim": shape.kv_dim, "dtype": dtype},
         "checkpoint_bytes": checkpoint_bytes,
@@ -316,6 +336,7 @@ def run_benchmark(size_gb: float, root: Path, *, dtype: str = "bfloat16", shard_
         "streamed_tensors": combine["streamed_tensors"],
         "generate_seconds": round(generated["seconds"], 3),
         "read_three_seconds": [round(read["seconds"], 3), round(read_again["seconds"], 3)],
+        "write_one_seconds": round(write["seconds"], 3),
         "combine_seconds": round(combine["seconds"], 3),
         "time_ratio": round(combine["seconds"] / read_s, 3),
         "cold": {"read_three_seconds": round(cold["read"]["seconds"], 3),

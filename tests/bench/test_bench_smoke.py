@@ -32,6 +32,7 @@ def test_stream_and_restore_benchmarks_measure_streaming_against_reading_and_loa
     assert restore["streamed"]["tensors_changed"] == restore["in_memory"]["tensors_changed"] > 0
     assert set(restore["ratios"]) == {"streamed_over_read_time", "cold_streamed_over_cold_read_time",
                                       "streamed_over_in_memory_time", "streamed_over_in_memory_peak_rss"}
+    assert restore["write_one_seconds"] > 0 and stream["write_one_seconds"] > 0
     cold = restore["cold"]
     assert cold["read_three_seconds"] > 0 and cold["streamed"]["tensors_changed"] > 0
     assert isinstance(cold["evicted"], bool) and len(cold["resident_fraction_after_drop"]) == 2
