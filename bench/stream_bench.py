@@ -6,34 +6,48 @@ processes, so that each phase's peak RSS is its own:
 
 - ``read``: reading every tensor of the three checkpoints (each tensor materialised in memory once), the floor
   any method that touches them pays; run before and after the combination, the faster run is the reference;
+- ``write``: writing one checkpoint's worth of bytes into a new file (after ``combine``, so that it takes new
+  page-cache pages as the combination's output did): the write side of the floor, reported, not in the ratio;
 - ``combine``: a per-tensor streamed combination of base, aligned and target over the ``linear`` scope, written
-  as a new checkpoint with the untouched tensors copied (default op: RESTA-like target + (aligned − base) in fp32);
-  the real restoration methods plug in through the ``op`` argument of :func:`run_benchmark`.
+  as a new checkpoint with the untouched tensors copied (default op: RESTA-like target + (aligned − base) in fp32,
+  computed chunk by chunk from the stored tensors, :class:`~safetypatch.weights.elementwise.Elementwise`); any
+  element-wise op plugs in through the ``op`` argument of :func:`run_benchmark`.
 
-It prints one JSON object: sizes, times, their ratio (acceptance: ≤ 2) and the combination's peak RSS (acceptance:
-< 2 GB for a checkpoint of ≥ 3 GB). The restoration methods themselves, through the real ``restore`` runner, are
-measured by :mod:`bench.restore_bench` on the same checkpoints. Usage (from the repository root)::
+Both run twice: with the inputs in the page cache (they were just written: the acceptance figure) and cold, after
+their pages were dropped from the page cache with ``posix_fadvise(DONTNEED)`` (no root needed; the fraction of
+pages still resident is measured with ``mincore`` and recorded, so a drop that did not happen is visible). Dirty
+pages are written back (``sync``) before every measured phase, so that no phase pays for an earlier one's writes.
+
+It prints one JSON object: sizes, times, their ratios (acceptance: ≤ 2, page-cached) and the combination's peak
+RSS (acceptance: < 2 GB for a checkpoint of ≥ 3 GB). The restoration methods themselves, through the real
+``restore`` runner, are measured by :mod:`bench.restore_bench` on the same checkpoints. Usage (from the repository
+root)::
 
     python -m bench.stream_bench --size-gb 3 --out /data/stream-bench --keep --json stream.json
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
+import os
 import shutil
+import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bench.common import GB, emit, in_fresh_process, parse, parser, peak_rss_bytes
-from safetypatch.weights.stream import CheckpointReader, CheckpointWriter, aligned, plan, select_names
+from safetypatch.weights.stream import CheckpointReader, CheckpointWriter, Elementwise, aligned, plan, select_names
 
 Op = Callable[[str, Mapping[str, torch.Tensor]], torch.Tensor]
 ROLES = {"base_model": "base", "aligned_model": "aligned", "target_model": "target"}
@@ -161,6 +175,99 @@ def generate_phase(root: Path, shape: Shape, dtype_name: str, shard_bytes: int) 
     return {"seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes()}
 
 
+def settle() -> None:
+    """Write every dirty page back now, so that the next measured phase does not pay for an earlier one's writes."""
+    os.sync()
+
+
+def _files(folders: Sequence[Path]) -> list[Path]:
+    return [f for folder in folders for f in sorted(folder.iterdir()) if f.is_file()]
+
+
+def drop_page_cache(folders: Sequence[Path]) -> float | None:
+    """Drop the files of ``folders`` from the page cache (``sync``, then ``posix_fadvise(DONTNEED)`` on each file:
+    clean pages of one's own files go without root) and return the fraction of their pages still resident (see
+    :func:`resident_fraction`; None where that cannot be measured)."""
+    settle()
+    for path in _files(folders):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return resident_fraction(folders)
+
+
+def resident_fraction(folders: Sequence[Path]) -> float | None:
+    """Fraction of the pages of the files of ``folders`` that are in the page cache (``mincore`` on a mapping,
+    which reads nothing); None off Linux or without libc."""
+    name = ctypes.util.find_library("c")
+    if not sys.platform.startswith("linux") or name is None:
+        return None
+    libc = ctypes.CDLL(name, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    page = os.sysconf("SC_PAGE_SIZE")
+    resident = total = 0
+    for path in _files(folders):
+        size = path.stat().st_size
+        if size == 0:
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            address = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+            if address in (None, ctypes.c_void_p(-1).value):
+                return None
+            pages = (size + page - 1) // page
+            vector = (ctypes.c_ubyte * pages)()
+            failed = libc.mincore(ctypes.c_void_p(address), size, vector)
+            libc.munmap(ctypes.c_void_p(address), size)
+            if failed:
+                return None
+            resident += sum(b & 1 for b in bytes(vector))
+            total += pages
+        finally:
+            os.close(fd)
+    return resident / total if total else None
+
+
+def measure(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a fresh process, after :func:`settle`."""
+    settle()
+    return in_fresh_process(fn, *args)
+
+
+def cold_pair(folders: Sequence[Path], phase: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """The read floor and ``phase(*args)`` back to back, each in a fresh process right after the inputs
+    ``folders`` were dropped from the page cache; with the resident fraction measured after each drop."""
+    resident_read = drop_page_cache(folders)
+    read = in_fresh_process(read_phase, folders)
+    resident_run = drop_page_cache(folders)
+    run = in_fresh_process(phase, *args)
+    fractions = [resident_read, resident_run]
+    return {"read": read, "run": run, "resident_fraction_after_drop": fractions,
+            "evicted": all(f is not None and f < 0.05 for f in fractions)}
+
+
+def write_phase(path: Path, nbytes: int) -> dict[str, float]:
+    """Write ``nbytes`` into a new file with ``pwrite`` from one 4 MiB buffer, then remove it: what writing an
+    output of that size costs by itself (the page-cache pages it needs included), the write side of the floor."""
+    chunk = memoryview(b"\x01" * (4 * 2**20))
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        done = 0
+        while done < nbytes:
+            done += os.pwrite(fd, chunk[:min(len(chunk), nbytes - done)], done)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return {"seconds": seconds, "peak_rss_bytes": peak_rss_bytes()}
+
+
 def read_phase(folders: list[Path]) -> dict[str, float]:
     start = time.perf_counter()
     for folder in folders:
@@ -178,8 +285,8 @@ def _combine_phase(root: Path, out: Path, op: Op, shard_bytes: int) -> dict[str,
     estimate = plan(readers, names, svd=False)
     with CheckpointWriter(out, template=readers["target_model"].folder, max_shard_bytes=shard_bytes,
                           overwrite=True) as writer:
-        for name, tensors in aligned(readers, names):
-            writer.add(name, op(name, tensors))
+        for name, tensors in aligned(readers, names, dtype=None):
+            writer.add(name, Elementwise(tensors, partial(op, name)))
         writer.finish()
     return {"seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss_bytes(),
             "rss_before_bytes": baseline, "streamed_tensors": len(names),
@@ -204,8 +311,8 @@ def run_benchmark(size_gb: float, root: Path, *, dtype: str = "bfloat16", shard_
         root: working folder (``base``, ``aligned``, ``target`` and ``out`` are written into it).
         dtype: storage dtype of the checkpoints (``bfloat16`` or ``float32``).
         shard_gb: shard size of every checkpoint written.
-        op: the per-tensor combination, (name, {role: fp32 tensor}) → fp32 tensor; must be picklable (a
-            module-level function), since it runs in a fresh process.
+        op: the per-tensor combination, (name, {role: fp32 tensor}) → fp32 tensor; element-wise (it is applied
+            chunk by chunk) and picklable (a module-level function), since it runs in a fresh process.
 
     Returns:
         The measurements as a JSON-ready dict.
@@ -215,11 +322,13 @@ def run_benchmark(size_gb: float, root: Path, *, dtype: str = "bfloat16", shard_
     shard_bytes = int(shard_gb * GB)
     generated = in_fresh_process(generate_phase, root, shape, dtype, shard_bytes)
     folders = [root / sub for sub in ROLES.values()]
-    read = in_fresh_process(read_phase, folders)
-    combine = in_fresh_process(_combine_phase, root, root / "out", op, shard_bytes)
-    read_again = in_fresh_process(read_phase, folders)
+    read = measure(read_phase, folders)
+    combine = measure(_combine_phase, root, root / "out", op, shard_bytes)
+    read_again = measure(read_phase, folders)
     read_s = min(read["seconds"], read_again["seconds"])
     checkpoint_bytes = sum(f.stat().st_size for f in (root / "base").glob("*.safetensors"))
+    write = measure(write_phase, root / "write.bin", checkpoint_bytes)
+    cold = cold_pair(folders, _combine_phase, root, root / "out_cold", op, shard_bytes)
     return {
         "shape": {**asdict(shape), "intermediate": shape.intermediate, "kv_dim": shape.kv_dim, "dtype": dtype},
         "checkpoint_bytes": checkpoint_bytes,
@@ -227,8 +336,14 @@ def run_benchmark(size_gb: float, root: Path, *, dtype: str = "bfloat16", shard_
         "streamed_tensors": combine["streamed_tensors"],
         "generate_seconds": round(generated["seconds"], 3),
         "read_three_seconds": [round(read["seconds"], 3), round(read_again["seconds"], 3)],
+        "write_one_seconds": round(write["seconds"], 3),
         "combine_seconds": round(combine["seconds"], 3),
         "time_ratio": round(combine["seconds"] / read_s, 3),
+        "cold": {"read_three_seconds": round(cold["read"]["seconds"], 3),
+                 "combine_seconds": round(cold["run"]["seconds"], 3),
+                 "time_ratio": round(cold["run"]["seconds"] / cold["read"]["seconds"], 3),
+                 "combine_peak_rss_bytes": cold["run"]["peak_rss_bytes"],
+                 "resident_fraction_after_drop": cold["resident_fraction_after_drop"], "evicted": cold["evicted"]},
         "combine_peak_rss_bytes": combine["peak_rss_bytes"],
         "combine_rss_before_work_bytes": combine["rss_before_bytes"],
         "read_peak_rss_bytes": max(read["peak_rss_bytes"], read_again["peak_rss_bytes"]),
@@ -272,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     ``--keep``."""
     args = parse(checkpoint_arguments(__doc__.split("\n\n")[0]), argv)
     result = in_work_folder(args, lambda root: run_benchmark(args.size_gb, root, dtype=args.dtype,
-                                                             shard_gb=args.shard_gb), ("out",))
+                                                             shard_gb=args.shard_gb), ("out", "out_cold"))
     emit(result, args, argv, __spec__.name)
 
 

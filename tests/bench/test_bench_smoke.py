@@ -24,13 +24,18 @@ def test_stream_and_restore_benchmarks_measure_streaming_against_reading_and_loa
     stream_bench.main(["--size-gb", TINY_GB, "--json", str(tmp_path / "stream.json")])
     stream = _read(tmp_path / "stream.json")
     assert stream["max_abs_error_spot_check"] == 0.0 and stream["time_ratio"] > 0
+    assert stream["cold"]["time_ratio"] > 0 and len(stream["cold"]["resident_fraction_after_drop"]) == 2
     restore_bench.main(["--size-gb", TINY_GB, "--out", str(tmp_path / "work"), "--json",
                         str(tmp_path / "restore.json")])
     restore = _read(tmp_path / "restore.json")
     assert restore["max_abs_difference_streamed_vs_in_memory"] == 0.0
     assert restore["streamed"]["tensors_changed"] == restore["in_memory"]["tensors_changed"] > 0
-    assert set(restore["ratios"]) == {"streamed_over_read_time", "streamed_over_in_memory_time",
-                                      "streamed_over_in_memory_peak_rss"}
+    assert set(restore["ratios"]) == {"streamed_over_read_time", "cold_streamed_over_cold_read_time",
+                                      "streamed_over_in_memory_time", "streamed_over_in_memory_peak_rss"}
+    assert restore["write_one_seconds"] > 0 and stream["write_one_seconds"] > 0
+    cold = restore["cold"]
+    assert cold["read_three_seconds"] > 0 and cold["streamed"]["tensors_changed"] > 0
+    assert isinstance(cold["evicted"], bool) and len(cold["resident_fraction_after_drop"]) == 2
     assert set(restore["acceptance"]) == {"checkpoint_at_least_3GB", "streamed_peak_rss_under_2GB",
                                           "streamed_time_at_most_2x_read"}
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == []  # checkpoints removed without --keep

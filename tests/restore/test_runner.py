@@ -13,8 +13,10 @@ import torch
 from safetypatch.errors import ConfigError, ModelError, ModelMismatchError, OutputExistsError
 from safetypatch.models.fingerprint import fingerprint_folder
 from safetypatch.patch import PatchManifest, load_patch, save_patch
+from safetypatch.restore.resta import RESTA, RESTAConfig
 from safetypatch.restore.runner import PROVENANCE_FILE, REPORT_FILE, run_restore
 from safetypatch.restore.safe_lora import align
+from safetypatch.weights import elementwise
 from safetypatch.weights.stream import CheckpointReader, select_names
 from tests.patch.helpers import random_patch
 from tests.restore.helpers import build
@@ -101,6 +103,40 @@ def test_resta_writes_target_plus_beta_safety_vector_and_copies_the_rest(roles, 
     assert summary["tensors"] == 28 and summary["changed"] == len(SAFETY_MODULES)
     assert summary["skipped"] == {"δ_safe = 0": 28 - len(SAFETY_MODULES)}
     assert run.kind == "model" and run.output == tmp_path / "out" and not run.dry_run
+
+
+class _ReferenceRESTA(RESTA):
+    """RESTA without its chunked form: the runner falls back to restore_tensor on fp32 copies."""
+
+    def restore_chunked(self, name, tensors, context):
+        return None
+
+
+@pytest.mark.parametrize("config", [{"beta": 0.5}, {"beta": 0.75, "dare": True, "drop_p": 0.3}])
+def test_the_chunked_run_writes_the_bytes_and_report_of_the_reference_run(roles, bf16_target, tmp_path, monkeypatch,
+                                                                          config):
+    monkeypatch.setattr(elementwise, "CHUNK_ELEMENTS", 1000)  # 8192- and 4096-element weights: short last chunks
+    picked = {**_pick(roles, RESTA()), "target_model": bf16_target}
+    chunked = run_restore(RESTA(RESTAConfig(**config)), picked, tmp_path / "chunked")
+    reference = run_restore(_ReferenceRESTA(RESTAConfig(**config)), picked, tmp_path / "reference")
+    assert chunked.report.rows == reference.report.rows
+    for file in ("model.safetensors", REPORT_FILE):
+        assert (tmp_path / "chunked" / file).read_bytes() == (tmp_path / "reference" / file).read_bytes(), file
+
+
+def test_a_non_finite_result_fails_the_run_as_before_and_writes_nothing(roles, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(roles["target_model"])
+    name = f"{SAFETY_MODULES[1]}.weight"
+    with torch.no_grad():
+        model.get_parameter(name).view(-1)[-1] = float("inf")
+    model.save_pretrained(tmp_path / "target_inf")
+    picked = {**_pick(roles, RESTA()), "target_model": tmp_path / "target_inf"}
+    for method, out in ((RESTA(), "chunked"), (_ReferenceRESTA(), "reference")):
+        with pytest.raises(ModelError, match=rf"tensor {name} for .*{out} contains NaN or Inf as torch\.float32"):
+            run_restore(method, picked, tmp_path / out)
+        assert not (tmp_path / out).exists()
 
 
 def test_the_report_and_provenance_are_written_next_to_the_weights(roles, tmp_path):

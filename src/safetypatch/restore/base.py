@@ -10,6 +10,10 @@ A method is math on in-memory tensors, driven one tensor at a time by the stream
 
 All arithmetic is fp32; identity cases (zero strength, zero delta, 1-D tensors a method does not touch) return
 ``None`` before any arithmetic or cast (§2.3). Registry names are the module file names.
+
+An element-wise method (RESTA) also implements ``restore_chunked``: the same values from the tensors as stored, as
+an :class:`~safetypatch.weights.elementwise.Elementwise` the writer computes chunk by chunk (no fp32 copy of a whole
+tensor); the runner uses it when present and falls back to ``restore_tensor`` on fp32 copies otherwise.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from safetypatch.config import StrictConfig
 from safetypatch.data.schema import Example
 from safetypatch.errors import ConfigError, ModelMismatchError
 from safetypatch.registry import Registry
-from safetypatch.weights.stream import ParamScope
+from safetypatch.weights.stream import Elementwise, ParamScope
 
 Role = Literal["base_model", "aligned_model", "unsafe_model", "target_model"]
 ROLES: tuple[str, ...] = get_args(Role)
@@ -72,9 +76,13 @@ class RestoreContext:
 
 
 class RestoredTensor(NamedTuple):
-    """One tensor's result: the new fp32 value (None = unchanged; skip writing and casting) and its report row."""
+    """One tensor's result: the new fp32 value (None = unchanged; skip writing and casting) and its report row.
 
-    tensor: torch.Tensor | None
+    From :meth:`RestoreMethod.restore_chunked` the value may be an
+    :class:`~safetypatch.weights.elementwise.Elementwise`; its report row is complete once it has been consumed.
+    """
+
+    tensor: torch.Tensor | Elementwise | None
     report: dict[str, Any]
 
 
@@ -139,9 +147,38 @@ class RestoreMethod(ABC):
             plain JSON values.
         """
 
+    def restore_chunked(self, name: str, tensors: Mapping[str, torch.Tensor],
+                        context: RestoreContext) -> RestoredTensor | None:
+        """The result of :meth:`restore_tensor`, bit for bit, computed chunk by chunk while it is written.
+
+        Only element-wise methods have this form; the default returns None, and the caller then runs
+        :meth:`restore_tensor` on fp32 copies.
+
+        Args:
+            name: the tensor name.
+            tensors: role → that tensor as stored (any dtype, CPU, e.g. memory-mapped; same shape).
+            context: from :meth:`prepare`.
+
+        Returns:
+            None (no chunked form), or a :class:`RestoredTensor` whose tensor is None (unchanged) or an
+            :class:`~safetypatch.weights.elementwise.Elementwise` of fp32 chunks. Its report row is filled while the
+            chunks are computed: read it after the tensor has been consumed (written).
+        """
+        return None
+
     def inputs(self, name: str, tensors: Mapping[str, torch.Tensor],
                roles: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """The fp32 tensors of ``roles`` (default :attr:`roles`), checked to be present and of one shape.
+
+        Raises:
+            ConfigError: a role is missing.
+            ModelMismatchError: two roles' tensors differ in shape.
+        """
+        return {role: tensor.float() for role, tensor in self.stored_inputs(name, tensors, roles).items()}
+
+    def stored_inputs(self, name: str, tensors: Mapping[str, torch.Tensor],
+                      roles: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of ``roles`` (default :attr:`roles`) as given, checked as :meth:`inputs` does.
 
         Raises:
             ConfigError: a role is missing.
@@ -157,7 +194,7 @@ class RestoreMethod(ABC):
             raise ModelMismatchError(f"{self.name}: tensor {name} has different shapes across models "
                                      f"({', '.join(f'{r}: {s}' for r, s in shapes.items())}); the checkpoints are "
                                      "not of one architecture.")
-        return {role: tensors[role].float() for role in roles}
+        return {role: tensors[role] for role in roles}
 
 
 def frobenius(M: torch.Tensor) -> float:

@@ -1,18 +1,28 @@
 """RESTA — safety re-alignment by task arithmetic (Bhardwaj, Anh, Poria, ACL 2024; METHODS.md §3.5).
 
 θ_RESTA = θ_SFT + β δ_safe with δ_safe = θ_aligned − θ_unaligned; optionally DARE first on the fine-tuning delta,
-θ_SFT ← θ_aligned + DARE(θ_SFT − θ_aligned). Element-wise, so it applies to tensors of any shape.
+θ_SFT ← θ_aligned + DARE(θ_SFT − θ_aligned). Element-wise, so it applies to tensors of any shape, and the streamed
+runner computes it chunk by chunk (:meth:`RESTA.restore_chunked`, the same fp32 operations in the same order).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 
 import torch
 from pydantic import Field
 
-from safetypatch.restore.base import RestoreConfig, RestoreContext, RestoredTensor, RestoreMethod, ratio
+from safetypatch.restore.base import RestoreConfig, RestoreContext, RestoredTensor, RestoreMethod
+from safetypatch.weights.elementwise import (
+    Elementwise,
+    any_difference,
+    borrow,
+    chunk_sum_of_squares,
+    give_back,
+    sum_of_squares,
+)
 from safetypatch.weights.linalg import dare
 
 
@@ -78,5 +88,64 @@ class RESTA(RestoreMethod):
                                                         tensor_seed(self.config.seed, name))
             target = aligned + sparse
         step = self.config.beta * delta_safe
-        report["safety_ratio"] = ratio(step, x["target_model"])
+        report["safety_ratio"] = _norm_ratio(sum_of_squares(step), sum_of_squares(x["target_model"]))
         return RestoredTensor(target + step, report)
+
+    def restore_chunked(self, name: str, tensors: Mapping[str, torch.Tensor],
+                        context: RestoreContext) -> RestoredTensor:
+        """:meth:`restore_tensor` chunk by chunk from the tensors as stored: the same fp32 operations in the same
+        order on each chunk (so the same values, bit for bit), the DARE mask drawn from the same random stream, the
+        report's norms and kept fraction summed over chunks (equal to about 1e-7 relative).
+
+        Args:
+            name: the tensor name (also seeds its DARE mask).
+            tensors: ``aligned_model``, ``unsafe_model``, ``target_model``, as stored (any dtype, CPU).
+            context: unused.
+
+        Returns:
+            As :meth:`restore_tensor`, with an :class:`~safetypatch.weights.elementwise.Elementwise` for the new
+            tensor; the report row is complete once it has been consumed.
+
+        Raises:
+            ConfigError: a role is missing.
+            ModelMismatchError: shapes differ.
+        """
+        x = self.stored_inputs(name, tensors)
+        beta, drop_p = self.config.beta, self.config.drop_p
+        use_dare = self.config.dare and drop_p > 0
+        if not use_dare and (beta == 0 or not any_difference(x["aligned_model"], x["unsafe_model"])):
+            return RestoredTensor(None, {"skipped": "beta = 0" if beta == 0 else "δ_safe = 0"})
+        generator = torch.Generator().manual_seed(tensor_seed(self.config.seed, name)) if use_dare else None
+        sums = {"step": 0.0, "target": 0.0, "kept": 0}
+        report: dict[str, float] = {}
+        scratch = torch.empty(0)  # squares and mask draws; sized by the first (largest) chunk
+
+        def chunk(c: dict[str, torch.Tensor]) -> torch.Tensor:
+            nonlocal scratch
+            aligned, target = c["aligned_model"], c["target_model"]
+            if scratch.numel() < target.numel():
+                scratch = borrow(target.numel())
+            sums["target"] += chunk_sum_of_squares(target, scratch)
+            delta_safe = torch.sub(aligned, c["unsafe_model"], out=c["unsafe_model"])
+            if generator is not None:  # as linalg.dare on target − aligned, then aligned + the sparse delta
+                delta = torch.sub(target, aligned, out=target)
+                keep = torch.rand(delta.numel(), generator=generator, out=scratch[:delta.numel()]) >= drop_p
+                sums["kept"] += int(keep.sum())
+                target = torch.add(aligned, torch.where(keep, delta / (1.0 - drop_p), 0.0), out=target)
+            step = delta_safe.mul_(beta)
+            sums["step"] += chunk_sum_of_squares(step, scratch)
+            return target.add_(step)
+
+        def done() -> None:
+            give_back(scratch)
+            if generator is not None:
+                numel = math.prod(x["target_model"].shape)
+                report["dare_keep_fraction"] = sums["kept"] / numel if numel else 1.0
+            report["safety_ratio"] = _norm_ratio(sums["step"], sums["target"])
+
+        return RestoredTensor(Elementwise(x, chunk, on_done=done), report)
+
+
+def _norm_ratio(part: float, whole: float) -> float:
+    """‖part‖_F / ‖whole‖_F from their sums of squares, 0 when the whole is zero."""
+    return math.sqrt(part) / math.sqrt(whole) if whole > 0 else 0.0

@@ -40,6 +40,7 @@ from safetypatch.utils.io import atomic_path, ensure_writable
 from safetypatch.weights.stream import (
     CheckpointReader,
     CheckpointWriter,
+    Elementwise,
     ParamScope,
     StreamPlan,
     aligned,
@@ -178,6 +179,9 @@ def run_restore(
     def stream() -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         return _stream(readers, names, adapter, device)
 
+    def stored() -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        return _stream(readers, names, adapter, torch.device("cpu"), dtype=None)
+
     prepared = method.prepare(replace(context or RestoreContext(), names=tuple(names), tensors=stream))
     report = RestoreReport.for_method(method, **dict(meta or {}))
     identities = {role: _identity(role, folder, adapter is not None and role == "target_model")
@@ -192,7 +196,7 @@ def run_restore(
                 "seconds": round(time.perf_counter() - start, 3),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
-    steps = _Steps(method, stream, len(names), prepared, report, progress)
+    steps = _Steps(method, stored, device, len(names), prepared, report, progress)
     if adapter is None:
         record = _write_model(steps, folders[template], output, overwrite, provenance)
     else:
@@ -205,22 +209,30 @@ def run_restore(
 
 @dataclass(frozen=True)
 class _Steps:
-    """The per-tensor pass: run the method on every streamed tensor, add each row to the report, hand each changed
-    tensor to ``keep``."""
+    """The per-tensor pass: run the method on every streamed tensor, hand each changed tensor to ``keep``, add each
+    row to the report.
+
+    ``stored`` streams the tensors as stored (CPU, memory-mapped). An element-wise method's
+    :meth:`~safetypatch.restore.base.RestoreMethod.restore_chunked` takes them as they are and returns an
+    :class:`~safetypatch.weights.elementwise.Elementwise` that ``keep`` (the writer) computes chunk by chunk; any
+    other method gets fp32 copies on ``device`` for ``restore_tensor``, as before."""
 
     method: RestoreMethod
-    stream: Stream
+    stored: Stream
+    device: torch.device
     total: int
     context: RestoreContext
     report: RestoreReport
     progress: RunProgress | None
 
-    def run(self, keep: Callable[[str, torch.Tensor], None]) -> None:
-        for done, (name, tensors) in enumerate(self.stream(), start=1):
-            result = self.method.restore_tensor(name, tensors, self.context)
-            self.report.add(name, result)
+    def run(self, keep: Callable[[str, torch.Tensor | Elementwise], None]) -> None:
+        for done, (name, tensors) in enumerate(self.stored(), start=1):
+            result = self.method.restore_chunked(name, tensors, self.context)
+            if result is None:
+                result = self.method.restore_tensor(name, _compute_inputs(tensors, self.device), self.context)
             if result.tensor is not None:
                 keep(name, result.tensor)
+            self.report.add(name, result)  # after keep: a chunked result fills its row while it is written
             if self.progress is not None:
                 self.progress("restore", done, self.total)
 
@@ -240,7 +252,10 @@ def _write_adapter(steps: _Steps, adapter: Patch, model: Any, output: Path, over
     """Project the adapter's lora_B factors, save it verified on ``model``, and add the two JSON files, all in one
     atomic move; returns the provenance."""
     projected: dict[str, torch.Tensor] = {}
-    steps.run(lambda name, B: projected.__setitem__(name.removesuffix(_WEIGHT), B.cpu()))
+    def keep(name: str, B: torch.Tensor | Elementwise) -> None:
+        projected[name.removesuffix(_WEIGHT)] = B.materialize() if isinstance(B, Elementwise) else B.cpu()
+
+    steps.run(keep)
     factors = {module: LoraFactors(A=f.A, B=projected.get(module, f.B)) for module, f in adapter.factors.items()}
     record = provenance()
     manifest = PatchManifest(method=f"restore:{steps.method.name}",
@@ -254,13 +269,21 @@ def _write_adapter(steps: _Steps, adapter: Patch, model: Any, output: Path, over
 
 
 def _stream(readers: Mapping[str, CheckpointReader], names: list[str], adapter: Patch | None,
-            device: torch.device) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-    """Each name with every role's fp32 tensor (plus the adapter's factors) on ``device``."""
-    for name, tensors in aligned(readers, names):
+            device: torch.device, dtype: torch.dtype | None = torch.float32,
+            ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """Each name with every role's fp32 tensor (``dtype`` None: as stored) plus the adapter's factors, on
+    ``device``."""
+    for name, tensors in aligned(readers, names, dtype=dtype):
         if adapter is not None:
             factors = adapter.factors[name.removesuffix(_WEIGHT)]
             tensors = {**tensors, LORA_A: factors.A, LORA_B: factors.B}
         yield name, {role: tensor.to(device) for role, tensor in tensors.items()}
+
+
+def _compute_inputs(stored: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The roles' tensors as fp32 on ``device`` (the adapter's factors moved as they are), what ``_stream`` yields
+    with its default dtype."""
+    return {role: (t if role in (LORA_A, LORA_B) else t.float()).to(device) for role, t in stored.items()}
 
 
 def _adapter_target(method: RestoreMethod, folders: Mapping[str, Path], scope: ParamScope | None) -> Patch | None:

@@ -390,5 +390,5 @@ def dare(delta: torch.Tensor, drop_p: float, seed: int) -> tuple[torch.Tensor, f
         raise PatchError(f"dare: drop_p must be in [0, 1), got {drop_p}.")
     generator = torch.Generator().manual_seed(seed)
     keep = (torch.rand(delta.shape, generator=generator) >= drop_p).to(delta.device)
-    kept = float(keep.float().mean()) if keep.numel() else 1.0
+    kept = int(keep.sum()) / keep.numel() if keep.numel() else 1.0  # exact (an fp32 mean is off by ~1e-8)
     return torch.where(keep, delta.float() / (1.0 - drop_p), 0.0), kept

@@ -80,6 +80,7 @@ class CheckpointReader:
                              f"{SINGLE_FILE} or {INDEX_FILE}.")
         self._infos = _read_infos(self.folder, _weight_map(self.folder))
         self._config: dict[str, Any] | None = None
+        self._data_starts: dict[str, int] = {}
         self._closed = False
 
     def __enter__(self) -> CheckpointReader:
@@ -127,6 +128,20 @@ class CheckpointReader:
     def nbytes(self, name: str) -> int:
         """The stored size of ``name`` in bytes."""
         return self.info(name).nbytes
+
+    def byte_range(self, name: str) -> tuple[Path, int, int]:
+        """(shard path, absolute offset, size in bytes) of ``name``'s stored bytes, for copying them unchanged.
+
+        Raises:
+            ModelError: no such tensor, the reader is closed, or the shard's header cannot be read.
+        """
+        if self._closed:
+            raise ModelError(f"CheckpointReader({self.folder}) is closed; open a new one to read {name}.")
+        info = self.info(name)
+        path = self.folder / info.file
+        if info.file not in self._data_starts:
+            self._data_starts[info.file] = _data_start(path)
+        return path, self._data_starts[info.file] + info.offset, info.nbytes
 
     @property
     def config(self) -> dict[str, Any]:
@@ -235,6 +250,18 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
                            f"{data_size}-byte data section")
         infos[name] = TensorInfo(path.name, dtype, shape, start, nbytes)
     return infos
+
+
+def _data_start(path: Path) -> int:
+    """Where the data section of a safetensors file starts (after the 8-byte length and the header)."""
+    try:
+        with path.open("rb") as fh:
+            prefix = fh.read(8)
+    except OSError as exc:
+        raise ModelError(f"{path} cannot be read ({exc}); download or write the checkpoint again.") from exc
+    if len(prefix) != 8:
+        raise _corrupt(path, "the file is shorter than its 8-byte header length")
+    return 8 + int.from_bytes(prefix, "little")
 
 
 def _corrupt(path: Path, what: str) -> ModelError:

@@ -4,10 +4,14 @@ a time instead of the models.
 
 Roles of the pieces:
 
-- :class:`~safetypatch.weights.reader.CheckpointReader` (input) and
-  :class:`~safetypatch.weights.writer.CheckpointWriter` (output) are re-exported here.
+- :class:`~safetypatch.weights.reader.CheckpointReader` (input),
+  :class:`~safetypatch.weights.writer.CheckpointWriter` (output) and
+  :class:`~safetypatch.weights.elementwise.Elementwise` are re-exported here.
 - :func:`select_names` picks the tensors a method touches (``linear`` or ``all_2d`` scope, §2.3).
-- :func:`aligned` yields, per name, every role's tensor in fp32 after checking presence and shape across roles.
+- :func:`aligned` yields, per name, every role's tensor in fp32 (or as stored) after checking presence and shape
+  across roles.
+- :class:`Elementwise` is an element-wise result the writer computes chunk by chunk from the stored inputs (no
+  fp32 copy of a whole tensor; the same bytes).
 - :func:`plan` sizes a run before it starts (tensors, bytes read per role, expected peak memory) for ``--dry-run``.
 - :func:`compute_device` is where SVDs run (a GPU when present); results come back to the CPU for writing.
 
@@ -31,6 +35,7 @@ from typing import Literal
 import torch
 
 from safetypatch.errors import ConfigError, ModelMismatchError
+from safetypatch.weights.elementwise import Elementwise
 from safetypatch.weights.reader import CheckpointReader
 from safetypatch.weights.writer import CheckpointWriter
 
@@ -38,6 +43,7 @@ __all__ = [
     "LINEAR_PATTERNS",
     "CheckpointReader",
     "CheckpointWriter",
+    "Elementwise",
     "ParamScope",
     "StreamPlan",
     "aligned",
@@ -154,8 +160,8 @@ def _check_aligned(readers: Mapping[str, CheckpointReader], names: Sequence[str]
                 "param_scope 'all_2d' (use 'linear').")
 
 
-def aligned(readers: Mapping[str, CheckpointReader],
-            names: Sequence[str]) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+def aligned(readers: Mapping[str, CheckpointReader], names: Sequence[str], *,
+            dtype: torch.dtype | None = torch.float32) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """Yield each name with every role's tensor as fp32 CPU, one name at a time (METHODS.md §2.3, §5.2).
 
     All names are checked in every role before the first tensor is read, so a mismatch fails before any work.
@@ -163,9 +169,12 @@ def aligned(readers: Mapping[str, CheckpointReader],
     Args:
         readers: role (``base_model``, ``aligned_model``, ``unsafe_model``, ``target_model``) → its reader.
         names: the tensors to stream, e.g. from :func:`select_names`.
+        dtype: what every tensor is converted to; None keeps the storage dtype and the memory-mapped tensor
+            itself (no copy), for element-wise methods that upcast chunk by chunk
+            (:class:`~safetypatch.weights.elementwise.Elementwise`).
 
     Yields:
-        (name, {role: fp32 tensor}).
+        (name, {role: tensor}).
 
     Raises:
         ConfigError: ``readers`` is empty.
@@ -174,7 +183,10 @@ def aligned(readers: Mapping[str, CheckpointReader],
     """
     _check_aligned(readers, names)
     for name in names:
-        yield name, {role: reader.get(name).float() for role, reader in readers.items()}
+        if dtype is None:
+            yield name, {role: reader.get(name) for role, reader in readers.items()}
+        else:
+            yield name, {role: reader.get(name).to(dtype) for role, reader in readers.items()}
 
 
 def compute_device() -> torch.device:

@@ -5,25 +5,31 @@ the template's tensors, shapes and storage dtypes (a repaired model is a modifie
 shard layout (size-capped shards, mergekit's ``TensorWriter`` is the model) and every safetensors header are
 fixed when the writer opens. Each tensor handed to :meth:`CheckpointWriter.add` is cast to the template's dtype
 (fp32 arithmetic is cast only on write, §2.3) and written straight to its place in its shard, so the writer
-buffers no shard: memory follows the tensor in flight, not the shard size. :meth:`CheckpointWriter.finish` copies
-the tensors nobody wrote from the template (:meth:`CheckpointWriter.copy_rest`), checks the written headers, writes
-the index, copies config, generation config, tokenizer and chat template files, and moves the folder into place
-atomically; on any error nothing is left at the output path.
+buffers no shard: memory follows the tensor in flight, not the shard size. An element-wise result
+(:class:`~safetypatch.weights.elementwise.Elementwise`) is computed, cast, checked and written a chunk at a time, so
+not even that tensor is held whole. :meth:`CheckpointWriter.finish` copies the tensors nobody wrote from the
+template (:meth:`CheckpointWriter.copy_rest`; byte for byte, file to file, when the dtypes agree), checks the
+written headers, writes the index, copies config, generation config, tokenizer and chat template files, and moves
+the folder into place atomically; on any error nothing is left at the output path. Shards are written with
+``pwrite`` on descriptors kept open until the writer finishes; nothing is fsynced (the page cache writes them back).
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
 import json
 import logging
+import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
 from safetypatch.errors import ConfigError, ModelError, ModelMismatchError
 from safetypatch.utils.io import atomic_path
+from safetypatch.weights.elementwise import Elementwise, all_finite
 from safetypatch.weights.reader import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE, CheckpointReader, TensorInfo
 
 logger = logging.getLogger(__name__)
@@ -66,6 +72,7 @@ class CheckpointWriter:
         self._output = atomic_path(self.folder, overwrite)
         self._tmp = self._output.__enter__()
         self._written: set[str] = set()
+        self._fds: dict[str, int] = {}
         self._open = True
         try:
             self._tmp.mkdir()
@@ -86,19 +93,25 @@ class CheckpointWriter:
             raise ModelError(f"CheckpointWriter({self.folder}) was closed without finish(); nothing was written. "
                              "Call finish() at the end of the with block.")
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: torch.Tensor | Elementwise) -> None:
         """Write one tensor, cast to the template's dtype, straight into its shard.
 
         Args:
             name: a tensor name of the template.
-            tensor: its new value (any float dtype, any device; fp32 results are cast here).
+            tensor: its new value (any float dtype, any device; fp32 results are cast here), or an
+                :class:`~safetypatch.weights.elementwise.Elementwise`, computed, cast, checked and written chunk by
+                chunk (the same bytes as its whole value cast at once).
 
         Raises:
             ModelError: ``name`` is not in the template or was already written, or ``tensor`` holds NaN or Inf
                 (checked after the cast, so an overflow of the storage dtype is caught too).
             ModelMismatchError: ``tensor`` has another shape than the template's.
         """
-        self._write(name, tensor.detach(), check_finite=True)
+        if isinstance(tensor, Elementwise):
+            file, start, info = self._place(name, tensor.shape)
+            self._write_chunks(name, file, start, info, tensor.chunks(info.dtype))
+        else:
+            self._write(name, tensor.detach(), check_finite=True)
 
     def copy_rest(self, reader: CheckpointReader) -> int:
         """Copy from ``reader`` every template tensor not written yet (norms, embeddings a method leaves alone).
@@ -115,7 +128,8 @@ class CheckpointWriter:
         """
         missing = [name for name in self.template.names() if name not in self._written]
         for name in missing:
-            self._write(name, reader.get(name), check_finite=False)
+            if not self._copy_bytes(name, reader):
+                self._write(name, reader.get(name), check_finite=False)
         return len(missing)
 
     def finish(self, extra_files: Mapping[str, str] | None = None) -> Path:
@@ -134,6 +148,7 @@ class CheckpointWriter:
         self._require_open()
         try:
             copied = self.copy_rest(self.template)
+            self._close_files()
             if len(self._shards) > 1:
                 weight_map = {name: file for file, infos in self._shards.items() for name in infos}
                 total = sum(info.nbytes for infos in self._shards.values() for info in infos.values())
@@ -155,6 +170,7 @@ class CheckpointWriter:
         """Remove everything written; the output path is left as it was."""
         if self._open:
             self._open = False
+            self._close_files()
             # atomic_path removes its temporary folder, and moves nothing into place, when an exception reaches it.
             self._output.__exit__(_Aborted, _Aborted(), None)
 
@@ -162,7 +178,8 @@ class CheckpointWriter:
         if not self._open:
             raise ModelError(f"CheckpointWriter({self.folder}) is finished or aborted; open a new one to write.")
 
-    def _write(self, name: str, tensor: torch.Tensor, *, check_finite: bool) -> None:
+    def _place(self, name: str, shape: tuple[int, ...]) -> tuple[str, int, TensorInfo]:
+        """(shard file, absolute offset, template info) of a tensor not written yet, of the template's shape."""
         self._require_open()
         if name not in self._places:
             close = difflib.get_close_matches(name, self._places, n=3)
@@ -172,18 +189,66 @@ class CheckpointWriter:
         if name in self._written:
             raise ModelError(f"tensor {name} was already written to {self.folder}; each tensor is written once.")
         file, start, info = self._places[name]
-        if tuple(tensor.shape) != info.shape:
-            raise ModelMismatchError(f"tensor {name} for {self.folder} is {tuple(tensor.shape)}, but the template "
+        if tuple(shape) != info.shape:
+            raise ModelMismatchError(f"tensor {name} for {self.folder} is {tuple(shape)}, but the template "
                                      f"{self.template.folder} has {info.shape}.")
-        data = tensor.to(device="cpu", dtype=info.dtype).contiguous()
-        if check_finite and data.is_floating_point() and not bool(torch.isfinite(data).all()):
-            raise ModelError(f"tensor {name} for {self.folder} contains NaN or Inf as {info.dtype}; the computation "
-                             "that produced it diverged or overflows the storage dtype (check its inputs and "
-                             "strength). It was not written.")
-        with (self._tmp / file).open("r+b") as fh:
-            fh.seek(start)
-            fh.write(data.reshape(-1).view(torch.uint8).numpy().data)
+        return file, start, info
+
+    def _write(self, name: str, tensor: torch.Tensor, *, check_finite: bool) -> None:
+        file, start, info = self._place(name, tuple(tensor.shape))
+        data = tensor.to(device="cpu", dtype=info.dtype).contiguous()  # no copy when it already is
+        self._write_chunks(name, file, start, info, [data.reshape(-1)], check_finite=check_finite)
+
+    def _write_chunks(self, name: str, file: str, start: int, info: TensorInfo, chunks: Iterable[torch.Tensor], *,
+                      check_finite: bool = True) -> None:
+        """Write consecutive flat pieces of ``name``, already in the storage dtype, from ``start`` on."""
+        fd = self._fd(file)
+        offset = start
+        for chunk in chunks:
+            if check_finite and chunk.is_floating_point() and not all_finite(chunk):
+                raise ModelError(f"tensor {name} for {self.folder} contains NaN or Inf as {info.dtype}; the "
+                                 "computation that produced it diverged or overflows the storage dtype (check its "
+                                 "inputs and strength). It was not written.")
+            offset += _pwrite_all(fd, chunk.view(torch.uint8).numpy().data, offset)
+        if offset - start != info.nbytes:
+            raise ModelError(f"tensor {name} for {self.folder}: {offset - start} bytes were produced for its "
+                             f"{info.nbytes}. Please report this bug.")
         self._written.add(name)
+
+    def _copy_bytes(self, name: str, reader: CheckpointReader) -> bool:
+        """Copy ``name`` as stored from ``reader``'s shard into ours, in the kernel; False when it cannot be (another
+        dtype, or a file system without ``copy_file_range``): the caller then writes it through memory."""
+        file, start, info = self._place(name, reader.shape(name))
+        if reader.dtype(name) != info.dtype or not hasattr(os, "copy_file_range"):
+            return False
+        source, source_offset, nbytes = reader.byte_range(name)
+        dst = self._fd(file)
+        with source.open("rb") as fh:
+            src = fh.fileno()
+            done = 0
+            while done < nbytes:
+                try:
+                    n = os.copy_file_range(src, dst, nbytes - done, source_offset + done, start + done)
+                except OSError as exc:
+                    if done == 0 and exc.errno in _NO_COPY_RANGE:
+                        return False
+                    raise ModelError(f"{self.folder}: cannot copy tensor {name} from {source} ({exc}).") from exc
+                if n == 0:
+                    raise ModelError(f"{source}: tensor {name} ends early; the file changed or is truncated. "
+                                     "Download or write the checkpoint again.")
+                done += n
+        self._written.add(name)
+        return True
+
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(self._tmp / file, os.O_RDWR)
+        return fd
+
+    def _close_files(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
 
     def _check_headers(self) -> None:
         """The shards must parse back (our own header writing) with exactly the template's tensors."""
@@ -212,6 +277,20 @@ class CheckpointWriter:
                 raise ConfigError(f"extra file {file!r} for {self.folder} would replace the file of that name the "
                                   "checkpoint already has; choose another name.")
             (self._tmp / file).write_text(text, encoding="utf-8")
+
+
+# copy_file_range is missing, or refuses these two files (another file system, an old kernel).
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.EPERM}
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> int:
+    """Write all of ``data`` at ``offset`` (``pwrite`` may write less than asked); returns its length."""
+    view = memoryview(data).cast("B")
+    total = len(view)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+    return total
 
 
 def _shard_layout(template: CheckpointReader, max_shard_bytes: int) -> dict[str, dict[str, TensorInfo]]:
