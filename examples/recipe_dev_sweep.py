@@ -32,7 +32,7 @@ from safetypatch.train.recipes import get_recipe
 
 DEV = {"harmbench": 50, "advbench": 50, "xstest-safe": 40, "benign-edgy": 25}
 HARMFUL = ["harmbench", "advbench", "strongreject", "xstest-unsafe", "contrast-harmful"]
-RETAIN = ["xstest-safe", "contrast-benign", "benign-edgy", "chat"]
+RETAIN = ["xstest-safe", "everyday-requests", "contrast-benign", "benign-edgy", "chat"]
 
 
 def main() -> None:
@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--recipe", default="mou")
     p.add_argument("--set", default="", help="PatchRecipe overrides, key=value,...")
-    p.add_argument("--n-harmful", type=int, default=80, help="Most harmful training prompts per set.")
+    p.add_argument("--n-harmful", type=int, default=60, help="Most harmful training prompts per set.")
     p.add_argument("--harmful", default=",".join(HARMFUL))
     p.add_argument("--retain", default=",".join(RETAIN))
     p.add_argument("--retain-max-new", type=int, default=32)

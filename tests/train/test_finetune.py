@@ -101,6 +101,8 @@ def test_full_mode_writes_the_trained_weights_and_never_half_a_folder(tmp_path, 
 
 def test_config_refuses_refusal_only_fields_a_second_mode_and_evaluated_rows(tmp_path):
     assert finetune_recipe("xue", "lora", {}).target_modules == ("up_proj",)
+    mou = finetune_recipe("mou", "lora", {})
+    assert (mou.retain_count, mou.lead_tokens, mou.lead_weight, mou.r) == (0, 0, 1.0, 8)
     with pytest.raises(ConfigError, match="retain_count shape refusal-SFT data only"):
         finetune_recipe("mou", "lora", {"retain_count": 10})
     with pytest.raises(ConfigError, match="sets mode='full' but the fine-tune mode is 'lora'"):

@@ -34,9 +34,9 @@ class TrainConfig(StrictConfig):
     harmful: list[str] = Field(
         ["harmbench", "advbench", "strongreject", "xstest-unsafe", "contrast-harmful"],
         description="Harmful sets (train halves), each prompt paired with a refusal (docs/patches.md).")
-    n_harmful: int | None = Field(80, gt=0, description="Most harmful prompts per set.")
+    n_harmful: int | None = Field(60, gt=0, description="Most harmful prompts per set.")
     retain: list[str] = Field(
-        ["xstest-safe", "contrast-benign", "benign-edgy", "chat"],
+        ["xstest-safe", "everyday-requests", "contrast-benign", "benign-edgy", "chat"],
         description="Benign sets (train halves) whose first recipe.retain_count prompts the model answers itself: "
                     "look-alikes of harmful requests (docs/patches.md).")
     retain_max_new_tokens: int = Field(32, gt=0, description="Length of the model's own retain answers.")
