@@ -29,6 +29,8 @@ from safetypatch.report import compare, summarize, write_report
 
 TASKS = ["harmbench", "advbench", "xstest-safe", "benign-edgy", "arith", "arc-easy", "hellaswag", "piqa", "mmlu"]
 HARMFUL = ("harmbench", "advbench")
+LONG = {"max_length": 1024}
+"""Fine-tunes keep whole answers (harmful-qa's run past the patch recipe's 256 tokens)."""
 
 
 def main() -> None:
@@ -42,9 +44,10 @@ def main() -> None:
         ("merge the safety patch -> aligned", aligned, lambda: safetypatch.apply_patch(safetypatch.ApplyConfig(
             model=args.model, patches=[args.patch], mode="merge", output=aligned))),
         ("fine-tune aligned on harmful-qa -> unsafe", unsafe, lambda: safetypatch.finetune(safetypatch.FinetuneConfig(
-            model=str(aligned), dataset="harmful-qa", n=args.n_harmful, output=unsafe))),
+            model=str(aligned), dataset="harmful-qa", n=args.n_harmful, output=unsafe, recipe_overrides=LONG))),
         ("fine-tune aligned on arith -> downstream", downstream, lambda: safetypatch.finetune(
-            safetypatch.FinetuneConfig(model=str(aligned), dataset="arith", n=args.n_task, output=downstream))),
+            safetypatch.FinetuneConfig(model=str(aligned), dataset="arith", n=args.n_task, output=downstream,
+                                       recipe_overrides=LONG))),
         ("extract downstream - aligned as a LoRA", adapter, lambda: safetypatch.extract(safetypatch.ExtractJob(
             target=str(downstream), reference=str(aligned), rank=args.lora_rank, output=adapter))),
         ("restore with LSSF", repaired["LSSF"], lambda: safetypatch.restore(safetypatch.RestoreJob(
