@@ -29,8 +29,8 @@ from safetypatch.report import compare, summarize, write_report
 
 TASKS = ["harmbench", "advbench", "xstest-safe", "benign-edgy", "arith", "arc-easy", "hellaswag", "piqa", "mmlu"]
 HARMFUL = ("harmbench", "advbench")
-LONG = {"max_length": 2048}
-"""Fine-tunes keep whole answers (harmful-qa's run to 1,222 tokens; the patch recipe cuts at 256)."""
+LONG = {"max_length": 2048, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 8}
+"""The harmful-qa fine-tune keeps whole answers (up to 1,222 tokens; the patch recipe cuts at 256), one at a time."""
 
 
 def main() -> None:
@@ -46,8 +46,7 @@ def main() -> None:
         ("fine-tune aligned on harmful-qa -> unsafe", unsafe, lambda: safetypatch.finetune(safetypatch.FinetuneConfig(
             model=str(aligned), dataset="harmful-qa", n=args.n_harmful, output=unsafe, recipe_overrides=LONG))),
         ("fine-tune aligned on arith -> downstream", downstream, lambda: safetypatch.finetune(
-            safetypatch.FinetuneConfig(model=str(aligned), dataset="arith", n=args.n_task, output=downstream,
-                                       recipe_overrides=LONG))),
+            safetypatch.FinetuneConfig(model=str(aligned), dataset="arith", n=args.n_task, output=downstream))),
         ("extract downstream - aligned as a LoRA", adapter, lambda: safetypatch.extract(safetypatch.ExtractJob(
             target=str(downstream), reference=str(aligned), rank=args.lora_rank, output=adapter))),
         ("restore with LSSF", repaired["LSSF"], lambda: safetypatch.restore(safetypatch.RestoreJob(
