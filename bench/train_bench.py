@@ -67,9 +67,10 @@ def _examples(setup: Setup, tokenizer: Any) -> list[Any]:
 def _recipe(setup: Setup) -> Any:
     from safetypatch.train.recipes import get_recipe
 
+    # Stock TRL has plain cross-entropy: no lead-token weighting on either side, so both train the same objective.
     return get_recipe("mou", num_train_epochs=1, max_steps=setup.max_steps, seed=setup.seed,
                       per_device_train_batch_size=setup.batch_size, max_length=setup.max_length, retain_weight=1.0,
-                      gradient_checkpointing=setup.checkpointing)
+                      lead_tokens=0, gradient_checkpointing=setup.checkpointing)
 
 
 def _stock_trainer(setup: Setup, loaded: Any, data: list[Any], recipe: Any, work: Path) -> Any:
