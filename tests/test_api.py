@@ -97,3 +97,13 @@ def test_cli_train_with_recipe_overrides(tmp_path, tiny_model_dirs):
     bad = CliRunner().invoke(app, ["train", "--model", str(tiny_model_dirs["qwen2"]), "--set", "rank=2",
                                    "--output", str(tmp_path / "other")])
     assert bad.exit_code == 2 and "rank" in bad.output
+
+
+def test_public_restore_stays_the_function_after_its_subpackage_is_imported():
+    import importlib
+
+    import safetypatch
+
+    importlib.import_module("safetypatch.restore.runner")
+    assert callable(safetypatch.restore) and safetypatch.restore.__module__ == "safetypatch.api.restore"
+    assert importlib.import_module("safetypatch.restore").__name__ == "safetypatch.restore"
