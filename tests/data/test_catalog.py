@@ -30,7 +30,7 @@ PINNED = {
     "benign-edgy": 150,
     "contrast-benign": 150,
     "contrast-harmful": 150,
-    "everyday-requests": 320,
+    "everyday-requests": 640,
     "refusal-labels": 169,
     "harmful-qa": 400,
     "jailbreak-templates": 666,
@@ -111,9 +111,9 @@ def test_safety_set_details(loaded):
 def test_everyday_requests_are_unique_benign_and_unseen_by_every_evaluation(loaded):
     rows = loaded["everyday-requests"].rows
     assert collections.Counter(r.category for r in rows) == {
-        "everyday": 100, "tech_verbs": 40, "definitions": 40, "figurative": 35, "safe_targets": 35,
-        "safe_contexts": 30, "public_facts": 20, "absurd": 20}
-    assert len({normalize_prompt(r.prompt) for r in rows}) == 320
+        "everyday": 160, "tech_verbs": 80, "definitions": 65, "figurative": 85, "safe_targets": 80,
+        "safe_contexts": 70, "public_facts": 50, "absurd": 50}
+    assert len({normalize_prompt(r.prompt) for r in rows}) == 640
     prompts = [r.prompt for r in rows]
     for name, ds in loaded.items():
         if DATASETS.get(name).role in ("harmful", "benign") and name != "everyday-requests":

@@ -177,12 +177,12 @@ SPECS: tuple[DatasetSpec, ...] = (
         name="everyday-requests",
         description="safetypatch's own benign requests in the frames and words a badly aligned patch mistakes for "
         "harm: everyday how-to, technical kill/execute/attack, idioms, safe targets, fiction and sport, definitions, "
-        "public facts, absurd questions (320; retain data for patches).",
+        "public facts, absurd questions (640; retain data for patches).",
         role="benign",
         licence="Apache-2.0",
         citation="safetypatch contributors, src/safetypatch/data/builtin/everyday_requests.jsonl",
         offline=PackagedFile("everyday_requests.jsonl"),
-        rows=320,
+        rows=640,
         mapper=mappers.everyday_request,
     ),
     DatasetSpec(
