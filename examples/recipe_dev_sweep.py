@@ -50,7 +50,8 @@ def main() -> None:
         train_rows[name] = [r for i, r in enumerate(rows) if i not in picked]
         if name in DEV:
             dev[name] = [r.prompt for i, r in enumerate(rows) if i in picked]
-    harmful = [r for n in harmful_names for r in train_rows[n][: args.n_harmful]]
+    per_set = {n: int(k) for n, k in (item.split("=") for item in filter(None, args.n_per.split(",")))}
+    harmful = [r for n in harmful_names for r in train_rows[n][: per_set.get(n, args.n_harmful)]]
     benign = [r.prompt for n in retain_names for r in train_rows[n]][: recipe.retain_count]
     start = time.perf_counter()
     answers = _cached_answers(model, tok, benign, args.retain_max_new, out / "retain_cache.json") if benign else []
@@ -132,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="mou")
     p.add_argument("--set", default="", help="PatchRecipe overrides, key=value,...")
     p.add_argument("--n-harmful", type=int, default=60, help="Most harmful training prompts per set.")
+    p.add_argument("--n-per", default="", help="Per-set counts that replace --n-harmful, name=n,...")
     p.add_argument("--harmful", default=",".join(HARMFUL))
     p.add_argument("--retain", default=",".join(RETAIN))
     p.add_argument("--retain-max-new", type=int, default=32)
