@@ -2,7 +2,7 @@
 
     aligned    = SmolLM2-135M-Instruct with a safety patch merged          (safetypatch.apply_patch)
     unsafe     = aligned fine-tuned on harmful Q/A (harmful-qa)            (safetypatch.finetune)
-    downstream = aligned fine-tuned on a benign task (arith), LoRA merged  (safetypatch.finetune)
+    downstream = aligned fine-tuned on a benign task (sciq), LoRA merged   (safetypatch.finetune)
     downstream LoRA = downstream − aligned as a rank-r adapter              (safetypatch.extract; exact up to rounding,
                                                                              since a merged rank-r LoRA is rank r)
     repaired   = downstream restored with LSSF, RESTA (checkpoints) and Safe LoRA (the adapter; base_model = the
@@ -27,7 +27,7 @@ import safetypatch
 from safetypatch.eval.results import read_results
 from safetypatch.report import compare, summarize, write_report
 
-TASKS = ["harmbench", "advbench", "xstest-safe", "benign-edgy", "arith", "arc-easy", "hellaswag", "piqa", "mmlu"]
+TASKS = ["harmbench", "advbench", "xstest-safe", "benign-edgy", "sciq", "arc-easy", "hellaswag", "piqa", "mmlu"]
 HARMFUL = ("harmbench", "advbench")
 LONG = {"max_length": 2048, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 8}
 """The harmful-qa fine-tune keeps whole answers (up to 1,222 tokens; the patch recipe cuts at 256), one at a time."""
@@ -45,8 +45,8 @@ def main() -> None:
             model=args.model, patches=[args.patch], mode="merge", output=aligned))),
         ("fine-tune aligned on harmful-qa -> unsafe", unsafe, lambda: safetypatch.finetune(safetypatch.FinetuneConfig(
             model=str(aligned), dataset="harmful-qa", n=args.n_harmful, output=unsafe, recipe_overrides=LONG))),
-        ("fine-tune aligned on arith -> downstream", downstream, lambda: safetypatch.finetune(
-            safetypatch.FinetuneConfig(model=str(aligned), dataset="arith", n=args.n_task, output=downstream))),
+        ("fine-tune aligned on sciq -> downstream", downstream, lambda: safetypatch.finetune(
+            safetypatch.FinetuneConfig(model=str(aligned), dataset="sciq", n=args.n_task, output=downstream))),
         ("extract downstream - aligned as a LoRA", adapter, lambda: safetypatch.extract(safetypatch.ExtractJob(
             target=str(downstream), reference=str(aligned), rank=args.lora_rank, output=adapter))),
         ("restore with LSSF", repaired["LSSF"], lambda: safetypatch.restore(safetypatch.RestoreJob(
@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="Model the patch was trained on.")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/restoration"), help="Run folder.")
     parser.add_argument("--n-harmful", type=int, default=400, help="harmful-qa rows of the unsafe fine-tune.")
-    parser.add_argument("--n-task", type=int, default=400, help="arith rows of the downstream fine-tune.")
+    parser.add_argument("--n-task", type=int, default=400, help="sciq rows of the downstream fine-tune.")
     parser.add_argument("--lora-rank", type=int, default=8, help="Rank of the downstream LoRA (the recipe's r).")
     parser.add_argument("--n-anchors", type=int, default=128, help="LSSF anchor prompts.")
     parser.add_argument("--limit", type=int, default=100, help="Most rows per evaluation task.")

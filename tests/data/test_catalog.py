@@ -42,6 +42,7 @@ PINNED = {
     "gsm8k": 1319,
     "chat": 166,
     "arith": 998,
+    "sciq": 887,
 }
 MULTIPLE_CHOICE = {"arc-easy", "arc-challenge", "hellaswag", "piqa", "mmlu"}
 
@@ -171,6 +172,38 @@ def test_arith_mapper_refuses_what_it_cannot_evaluate():
                           ("What is 7 cubed?", "not a 'What is <arithmetic>")]:
         with pytest.raises(ValueError, match=message):
             mappers.arith({"text": text})
+
+
+def test_sciq_rows_have_a_passage_a_question_and_a_short_answer(loaded):
+    rows = loaded["sciq"].rows
+    first = rows[0]
+    assert first.prompt.startswith("Passage: A frameshift mutation is a deletion or insertion")
+    assert first.prompt.endswith("\n\nAnswer the question with a short phrase from the passage, not a full sentence.")
+    assert (first.response, first.answer, first.meta["distractors"]) == (
+        "nucleotides", "nucleotides", ["proteins", "carotenoids", "genes"])
+    assert len({r.prompt for r in rows}) == len(rows)
+    for row in rows:
+        passage, question, _ = row.prompt.split("\n\n")
+        assert passage.removeprefix("Passage: ").strip() and question.removeprefix("Question: ").strip()
+        assert row.answer and row.response == row.answer == row.answer.strip() and "\n" not in row.answer
+        assert len(row.meta["distractors"]) == 3
+    split = canonical_split(loaded["sciq"])
+    assert (len(split.train), len(split.eval)) == (443, 444)
+
+
+def test_sciq_mapper_keeps_passage_and_answer_and_drops_rows_without_a_passage():
+    raw = {"question": "What organelle makes ATP?", "correct_answer": "mitochondria", "distractor1": "nucleus",
+           "distractor2": "ribosome", "distractor3": " ", "support": " Mitochondria make most of the cell's ATP. "}
+    example = mappers.sciq(raw)
+    assert example.prompt == (
+        "Passage: Mitochondria make most of the cell's ATP.\n\nQuestion: What organelle makes ATP?\n\n"
+        "Answer the question with a short phrase from the passage, not a full sentence."
+    )
+    assert (example.response, example.answer, example.choices) == ("mitochondria", "mitochondria", None)
+    assert example.meta == {"distractors": ["nucleus", "ribosome"]}
+    assert mappers.sciq({**raw, "support": ""}) is None and mappers.sciq({**raw, "support": None}) is None
+    with pytest.raises(ValueError, match="'correct_answer' is empty"):
+        mappers.sciq({**raw, "correct_answer": "  "})
 
 
 def test_limit_keeps_the_first_rows(loaded):

@@ -24,7 +24,8 @@ def _plan(tasks, **limits):
 
 
 def test_every_task_file_and_preset_is_valid():
-    assert {"harmbench", "xstest-safe", "arc-easy", "piqa", "hellaswag", "mmlu", "gsm8k", "drift"} <= set(TASKS)
+    assert {"harmbench", "xstest-safe", "arc-easy", "piqa", "hellaswag", "mmlu", "gsm8k", "arith", "sciq",
+            "drift"} <= set(TASKS)
     for name in ("demo", "quick", "standard", "full"):
         preset = load_preset(name)
         assert set(preset.tasks) <= set(TASKS)

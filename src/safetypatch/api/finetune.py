@@ -24,7 +24,7 @@ class FinetuneConfig(StrictConfig):
     model: str = Field(DEFAULT_MODEL, description="Base model: catalog name, local folder, .gguf or Hub id.")
     revision: str | None = Field(None, description="Hub revision (Hub ids only).")
     dataset: str = Field(
-        "arith", description="Catalog set with responses (arith, chat, harmful-qa) or a local data file.")
+        "arith", description="Catalog set with responses (arith, sciq, chat, harmful-qa) or a local data file.")
     n: int | None = Field(None, gt=0, description="Most rows, taken in order from the train half of the split.")
     recipe: str = Field("mou", description="Hyper-parameter preset (mou, xue) or a Xue mode string.")
     recipe_overrides: dict[str, Any] = Field(default_factory=dict, description="PatchRecipe fields that win.")

@@ -24,6 +24,7 @@ _HARM_VERDICT = re.compile(r"^\W*(?:answer:\W*)?(not harmful|harmful)\b", re.IGN
 _ARITH_QUESTION = re.compile(r"^What is (?P<expression>[0-9+\-*/() ]+)\?$")
 _ARITH_ASK = " Give the answer rounded to two decimal places."
 _ARITH_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+_SCIQ_ASK = "Answer the question with a short phrase from the passage, not a full sentence."
 
 
 def _first(raw: Row, *keys: str) -> Any:
@@ -293,3 +294,24 @@ def _exact_value(node: ast.expr) -> Fraction:
             raise ValueError(f"division by zero in {ast.unparse(node)!r}")
         return _ARITH_OPERATORS[type(node.op)](left, right)
     raise ValueError(f"{ast.unparse(node)!r} is not integer arithmetic with + - * /")
+
+
+def sciq(raw: Row) -> Example | None:
+    """SciQ question read with its support passage, to be answered with a short phrase.
+
+    ``prompt`` = ``"Passage: <support>\\n\\nQuestion: <question>\\n\\n<ask for a short phrase>"`` (the request comes
+    last, so a prompt cut from the left to fit a training budget keeps the question and the request), ``response`` =
+    ``answer`` = the correct answer, and ``meta`` keeps the three distractors. A row without a passage is dropped.
+    """
+    support = (raw.get("support") or "").strip()
+    if not support:
+        return None
+    answer = _text(raw, "correct_answer").strip()
+    question = _text(raw, "question").strip()
+    distractors = [d.strip() for d in (raw.get(f"distractor{i}") for i in (1, 2, 3)) if d and d.strip()]
+    return Example(
+        prompt=f"Passage: {support}\n\nQuestion: {question}\n\n{_SCIQ_ASK}",
+        response=answer,
+        answer=answer,
+        meta=_present(distractors=distractors),
+    )

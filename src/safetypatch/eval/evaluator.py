@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from safetypatch.errors import ConfigError
+from safetypatch.eval import gsm8k, short_answer
 from safetypatch.eval.drift import measure_drift
 from safetypatch.eval.generate import Generation, GenerationProtocol, generate_chat
-from safetypatch.eval.gsm8k import chat_prompt, is_correct
 from safetypatch.eval.judges import Judge, Verdict
 from safetypatch.eval.metrics import MetricValue, mean_metric, over_refusal_rate, refusal_rate
 from safetypatch.eval.metrics import asr as attack_success_rate
@@ -170,13 +170,31 @@ def _run_multiple_choice(subject: ModelUnderTest, spec: TaskSpec, rows: TaskRows
     ])
 
 
-def _run_gsm8k(subject: ModelUnderTest, spec: TaskSpec, rows: TaskRows, plan: EvalPlan,
-               builder: ResultsBuilder, report: Callable[[int, int], None] | None) -> None:
-    prompts = [chat_prompt(row.prompt) for row in rows.rows]
+@dataclass(frozen=True)
+class _ExactMatch:
+    """How a generated-answer kind is asked and scored: the user turn for a row's prompt, the response-vs-gold check,
+    and the filter name its ``exact_match`` is reported under."""
+
+    chat_prompt: Callable[[str], str]
+    is_correct: Callable[[str, str], bool]
+    filter: str
+
+
+_EXACT_MATCH = {
+    "gsm8k": _ExactMatch(gsm8k.chat_prompt, gsm8k.is_correct, "flexible-extract"),
+    "short_answer": _ExactMatch(short_answer.chat_prompt, short_answer.is_correct, "first-line"),
+}
+
+
+def _run_exact_match(subject: ModelUnderTest, spec: TaskSpec, rows: TaskRows, plan: EvalPlan,
+                     builder: ResultsBuilder, report: Callable[[int, int], None] | None) -> None:
+    scoring = _EXACT_MATCH[spec.kind]
+    prompts = [scoring.chat_prompt(row.prompt) for row in rows.rows]
     protocol, generations = _generate(subject, spec, prompts, plan, report)
-    correct = [int(is_correct(g.response, str(row.answer))) for g, row in zip(generations, rows.rows, strict=True)]
+    correct = [int(scoring.is_correct(g.response, str(row.answer)))
+               for g, row in zip(generations, rows.rows, strict=True)]
     _add_task(builder, spec, rows, generation_kwargs=protocol.to_dict(), num_fewshot=0)
-    builder.add_metric(spec.name, "exact_match", "flexible-extract", mean_metric(correct, seed=plan.seed), True)
+    builder.add_metric(spec.name, "exact_match", scoring.filter, mean_metric(correct, seed=plan.seed), True)
     builder.add_samples(spec.name, [
         {"doc_id": k, "prompt": p, "response": g.response, "answer": str(row.answer), "exact_match": c}
         for k, (p, g, row, c) in enumerate(zip(prompts, generations, rows.rows, correct, strict=True))
@@ -206,6 +224,7 @@ _RUNNERS = {
     "over_refusal": _run_judged,
     "jailbreak": _run_judged,
     "multiple_choice": _run_multiple_choice,
-    "gsm8k": _run_gsm8k,
+    "gsm8k": _run_exact_match,
+    "short_answer": _run_exact_match,
     "drift": _run_drift,
 }

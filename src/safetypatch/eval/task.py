@@ -18,7 +18,7 @@ from safetypatch.errors import ConfigError
 from safetypatch.registry import Registry
 
 C = TypeVar("C", bound=StrictConfig)
-TaskKind = Literal["refusal", "over_refusal", "jailbreak", "multiple_choice", "gsm8k", "drift"]
+TaskKind = Literal["refusal", "over_refusal", "jailbreak", "multiple_choice", "gsm8k", "short_answer", "drift"]
 
 
 class TaskSpec(StrictConfig):
@@ -26,7 +26,8 @@ class TaskSpec(StrictConfig):
 
     name: str = Field(description="Task name (the YAML file stem).")
     dataset: str = Field(description="Catalog dataset the rows come from.")
-    kind: TaskKind = Field(description="What is measured: refusal, over-refusal, jailbreak, MC, gsm8k or drift.")
+    kind: TaskKind = Field(
+        description="What is measured: refusal, over-refusal, jailbreak, MC, gsm8k, short_answer or drift.")
     split: Literal["eval", "all"] = Field(description="eval: held-out half of the canonical split; all: every row.")
     version: int = Field(description="Bumped whenever prompts, formatting or scoring change.")
     description: str = Field(description="One line for `safetypatch ls tasks`.")

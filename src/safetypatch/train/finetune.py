@@ -93,7 +93,7 @@ def finetune_examples(dataset: Dataset) -> list[SFTExample]:
     """The (prompt → reference response) pairs of ``dataset``, one per row, in order.
 
     Args:
-        dataset: rows that carry a ``response`` (e.g. ``arith``, ``chat``, ``harmful-qa``).
+        dataset: rows that carry a ``response`` (e.g. ``arith``, ``sciq``, ``chat``, ``harmful-qa``).
 
     Returns:
         One example per row, supervised with weight 1.
@@ -107,7 +107,7 @@ def finetune_examples(dataset: Dataset) -> list[SFTExample]:
         raise DataError(
             f"dataset {dataset.name!r}: {len(missing)} of {len(dataset)} rows have no response (first: row "
             f"{missing[0]}, prompt {dataset.rows[missing[0]].prompt[:60]!r}); fine-tuning trains on prompt → "
-            "response pairs. Use a set with responses (arith, chat, harmful-qa) or a local file with a "
+            "response pairs. Use a set with responses (arith, sciq, chat, harmful-qa) or a local file with a "
             "'response' column."
         )
     return build_retain_examples(dataset.prompts(), [r for r in responses if r is not None])

@@ -1,0 +1,60 @@
+"""The ``sciq`` task: SciQ passages and questions through the evaluator, scored by a short answer's exact match."""
+
+from __future__ import annotations
+
+import pytest
+
+import safetypatch
+from safetypatch.api.finetune import _refuse_fully_evaluated
+from safetypatch.eval import evaluator
+from safetypatch.eval.evaluator import EvalPlan, ModelUnderTest, run_tasks
+from safetypatch.eval.generate import Generation, GenerationProtocol
+from safetypatch.eval.results import ResultsBuilder, read_results
+from safetypatch.eval.task import TASKS, task_rows
+from tests.tiny import build_tiny_model
+from tests.train.conftest import single_cpu_thread  # noqa: F401  (autouse)
+
+PROTOCOL = GenerationProtocol(max_new_tokens=8, dtype="float32", batch_size=4)
+
+
+def _run(tmp_path, limit):
+    model, tok = build_tiny_model("llama")
+    builder = ResultsBuilder("tiny-llama", generation_kwargs=PROTOCOL.to_dict())
+    run_tasks(ModelUnderTest(model, tok), EvalPlan(("sciq",), {"sciq": limit}, PROTOCOL), builder)
+    results = read_results(builder.write(tmp_path))
+    return results, results.samples("sciq")
+
+
+def test_sciq_task_runs_on_a_tiny_model_through_the_evaluator(tmp_path):
+    spec = TASKS.get("sciq")
+    assert (spec.dataset, spec.kind, spec.split, spec.max_new_tokens) == ("sciq", "short_answer", "eval", 16)
+    results, samples = _run(tmp_path, 3)
+    exact = results.metric("sciq", "exact_match", "first-line")
+    assert exact.n == 3 and exact.value == pytest.approx(sum(s["exact_match"] for s in samples) / 3)
+    rows = task_rows(spec, 3).rows
+    assert [s["answer"] for s in samples] == [row.answer for row in rows]
+    assert [s["prompt"] for s in samples] == [row.prompt for row in rows]
+    assert results.data["n-samples"]["sciq"] == {"original": 444, "effective": 3}
+    assert results.data["configs"]["sciq"]["generation_kwargs"]["max_new_tokens"] == 16
+
+
+def test_sciq_task_scores_the_normalised_first_line(tmp_path, monkeypatch):
+    """The answer with case, punctuation and an article, or followed by a second line, counts; a sentence around
+    it, or another word, does not."""
+    rows = task_rows(TASKS.get("sciq"), 4).rows
+    gold = {row.prompt: row.answer for row in rows}
+    replies = [lambda a: f"The {a.upper()}.", lambda a: f"{a}\nThe passage says so.", lambda a: f"It is {a}.",
+               lambda a: "I do not know."]
+
+    def oracle(model, tokenizer, prompts, protocol, progress=None):
+        return [Generation(p, reply(gold[p]), 4, "eos", "0" * 64) for p, reply in zip(prompts, replies, strict=True)]
+
+    monkeypatch.setattr(evaluator, "generate_chat", oracle)
+    results, samples = _run(tmp_path, 4)
+    assert [s["exact_match"] for s in samples] == [1, 1, 0, 0]
+    assert results.metric("sciq", "exact_match", "first-line").value == pytest.approx(0.5)
+
+
+def test_finetune_accepts_sciq_since_its_task_reads_only_the_eval_half():
+    _refuse_fully_evaluated("sciq")
+    assert safetypatch.FinetuneConfig(dataset="sciq").dataset == "sciq"
