@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from safetypatch import api
 from safetypatch.cli import app
-from safetypatch.errors import OutputExistsError
+from safetypatch.errors import ConfigError, OutputExistsError
 from safetypatch.models.loading import load_model
 from safetypatch.patch.artifact import PatchManifest, save_patch
 from tests.patch.helpers import random_patch
@@ -67,14 +67,14 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
 
 def test_train_patch_writes_a_verified_patch_that_evaluates(tmp_path, tiny_model_dirs):
     cfg = api.TrainConfig(
-        model=str(tiny_model_dirs["llama"]), n_harmful=3, harmful=["harmbench", "advbench"],
+        model=str(tiny_model_dirs["llama"]), n_harmful=3, n_per_set={"advbench": 1}, harmful=["harmbench", "advbench"],
         recipe_overrides={"max_steps": 2, "per_device_train_batch_size": 4, "retain_count": 3, "max_length": 256,
                           "learning_rate": 1e-3},
         retain_max_new_tokens=6, output=tmp_path / "patch",
     )
     result = api.train_patch(cfg)
     manifest = json.loads((result.path / "safety_patch.json").read_text())
-    assert (result.n_refusal, result.n_retain) == (6, 3)
+    assert (result.n_refusal, result.n_retain) == (3 + 1, 3)
     assert manifest["method"] == "refusal_sft" and manifest["training"]["steps"] == 2
     assert {d["name"] for d in manifest["data"]} == {
         "harmbench", "advbench", "xstest-safe", "everyday-requests", "contrast-benign", "benign-edgy", "chat"}
@@ -83,6 +83,13 @@ def test_train_patch_writes_a_verified_patch_that_evaluates(tmp_path, tiny_model
     assert sorted(p.name for p in tmp_path.iterdir()) == ["patch"]
     with pytest.raises(OutputExistsError, match="already exists"):
         api.train_patch(cfg)
+
+
+def test_train_config_per_set_counts_must_name_a_harmful_set():
+    with pytest.raises(ConfigError, match=r"n_per_set names \['strongreject'\].*--harmful"):
+        api.TrainConfig(harmful=["harmbench"], n_per_set={"strongreject": 5})
+    with pytest.raises(ConfigError, match="must be positive"):
+        api.TrainConfig(harmful=["harmbench"], n_per_set={"harmbench": 0})
 
 
 def test_cli_train_with_recipe_overrides(tmp_path, tiny_model_dirs):

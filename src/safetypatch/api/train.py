@@ -35,6 +35,8 @@ class TrainConfig(StrictConfig):
         ["harmbench", "advbench", "strongreject", "xstest-unsafe", "contrast-harmful"],
         description="Harmful sets (train halves), each prompt paired with a refusal (docs/patches.md).")
     n_harmful: int | None = Field(60, gt=0, description="Most harmful prompts per set.")
+    n_per_set: dict[str, int] = Field(default_factory=dict, description="Harmful sets whose count replaces "
+                                                                        "n_harmful, e.g. {harmbench: 150}.")
     retain: list[str] = Field(
         ["xstest-safe", "everyday-requests", "contrast-benign", "benign-edgy", "chat"],
         description="Benign sets (train halves) whose first recipe.retain_count prompts the model answers itself: "
@@ -51,6 +53,13 @@ class TrainConfig(StrictConfig):
             raise ConfigError(f"TrainConfig: full is true (CLI --full) but recipe_overrides sets mode="
                               f"{self.recipe_overrides['mode']!r} (CLI --set mode=...); drop one of them: full "
                               "trains every weight (mode=full).")
+        unknown = sorted(set(self.n_per_set) - set(self.harmful))
+        if unknown:
+            raise ConfigError(f"TrainConfig: n_per_set names {unknown}, which are not in harmful {self.harmful}; "
+                              "add them to harmful (CLI --harmful) or drop them from n_per_set (CLI --n-per-set).")
+        bad = {name: n for name, n in self.n_per_set.items() if n < 1}
+        if bad:
+            raise ConfigError(f"TrainConfig: n_per_set counts must be positive, got {bad}.")
         return self
 
     def patch_recipe(self) -> PatchRecipe:
@@ -137,7 +146,8 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
     recipe = cfg.patch_recipe()
     loaded, splits, held_out = _load_inputs(cfg)
     unseen = _Unseen(held_out)
-    harmful = [row for name in cfg.harmful for row in unseen.rows(splits[name].train.rows)[: cfg.n_harmful]]
+    harmful = [row for name in cfg.harmful
+               for row in unseen.rows(splits[name].train.rows)[: cfg.n_per_set.get(name, cfg.n_harmful)]]
     benign = [row.prompt for name in cfg.retain for row in unseen.rows(splits[name].train.rows)][: recipe.retain_count]
     train_prompts = [row.prompt for row in harmful] + benign
     check_no_overlap(train_prompts, held_out, what="patch training prompts vs evaluation splits")

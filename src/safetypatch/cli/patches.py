@@ -79,6 +79,8 @@ def train(
                                                              "a complete model folder.")] = None,
     harmful: Annotated[str | None, typer.Option(help="Comma-separated harmful sets (train halves).")] = None,
     n_harmful: Annotated[int | None, typer.Option(help="Most harmful prompts per set.")] = None,
+    n_per_set: Annotated[str | None, typer.Option(help="Per-set counts that replace --n-harmful, e.g. "
+                                                       "harmbench=150.")] = None,
     retain: Annotated[str | None, typer.Option(help="Comma-separated benign retain sets.")] = None,
     retain_max_new_tokens: Annotated[int | None, typer.Option(help="Length of retain answers.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Patch folder.")] = None,
@@ -91,7 +93,7 @@ def train(
 
     cfg = load_config(api.TrainConfig, config, dict(
         model=model, revision=revision, recipe=recipe, recipe_overrides=pairs(set_), full=full,
-        harmful=split(harmful), n_harmful=n_harmful, retain=split(retain),
+        harmful=split(harmful), n_harmful=n_harmful, n_per_set=pairs(n_per_set), retain=split(retain),
         retain_max_new_tokens=retain_max_new_tokens, output=output, dtype=dtype, overwrite=overwrite))
     console.print(f"[bold]safetypatch train[/] {cfg.recipe} patch on {cfg.model} -> {cfg.output}")
     with console.status("generating retain answers and training..."):
