@@ -63,7 +63,8 @@ def main() -> None:
     for label, (model, patch) in evaluated.items():
         folder = out / "eval" / _slug(label)
         steps.append((f"evaluate {label}", folder, lambda m=model, p=patch, f=folder: safetypatch.evaluate(
-            safetypatch.EvalConfig(model=str(m), adapter=p, tasks=TASKS, limit=args.limit, output_dir=f))))
+            safetypatch.EvalConfig(model=str(m), adapter=p, tasks=TASKS, limit=args.limit, limits=args.limits,
+                                   output_dir=f))))
     print(f"restoration experiment on {args.model} with patch {args.patch} -> {out}")
     for index, (name, folder, _) in enumerate(steps, start=1):
         print(f"  {index:2d}. {name}  [{folder}]" + ("  (done, skipped)" if folder.exists() else ""))
@@ -109,6 +110,10 @@ def _slug(label: str) -> str:
     return label.split(" (")[0].lower().replace(" ", "-")
 
 
+def _limits(text: str) -> dict[str, int]:
+    return {name.strip(): int(n) for name, n in (item.split("=", 1) for item in text.split(",") if item.strip())}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patch", type=Path, required=True, help="Safety patch folder (safetypatch train -o ...).")
@@ -119,6 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-rank", type=int, default=8, help="Rank of the downstream LoRA (the recipe's r).")
     parser.add_argument("--n-anchors", type=int, default=128, help="LSSF anchor prompts.")
     parser.add_argument("--limit", type=int, default=100, help="Most rows per evaluation task.")
+    parser.add_argument("--limits", type=_limits, default={}, help="Per-task rows that win over --limit, "
+                        "e.g. sciq=200,arc-easy=200.")
     return parser
 
 
