@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-JUDGES = ("keyword_v1_w256", "embedding_minilm_t0.279+keyword_v1_w256")
+JUDGES = ("keyword_v2_w256", "embedding_minilm_t0.279+keyword_v2_w256")
 
 
 def main() -> None:

@@ -52,7 +52,7 @@ def test_run_tasks_writes_consistent_results(tmp_path):
                                                 **{"xstest-safe": 4, "arc-easy": 6}), builder)
     path = builder.write(tmp_path)
     results = read_results(path)
-    judge_id = "keyword_v1_w256"
+    judge_id = "keyword_v2_w256"
     refusal = results.metric("harmbench", "refusal_rate", judge_id)
     asr = results.metric("harmbench", "asr", judge_id)
     assert refusal.n == 4 and refusal.value + asr.value == pytest.approx(1.0)

@@ -16,7 +16,7 @@ def test_registry_names_and_default():
     assert JUDGES.names() == ["embedding", "hf_classifier", "keyword", "llamaguard"]
     assert DEFAULT_JUDGE == "keyword"
     judge = build_judge()
-    assert isinstance(judge, Judge) and judge.judge_id == "keyword_v1_w256"
+    assert isinstance(judge, Judge) and judge.judge_id == "keyword_v2_w256"
     assert build_judge("keyword", window_chars=512, lexicon="gcg_short").judge_id == "keyword_gcg_short_w512"
 
 

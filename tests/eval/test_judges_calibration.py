@@ -23,8 +23,9 @@ def labels():
     return [r.prompt for r in rows], [r.response or "" for r in rows], [r.answer == 1 for r in rows]
 
 
-@pytest.mark.parametrize(("lexicon", "match"), [("v1", "prefix"), ("v1", "anywhere"), ("gcg_short", "prefix"),
-                                                ("gcg_short", "anywhere")])
+@pytest.mark.parametrize(("lexicon", "match"), [
+    ("v2", "prefix"), ("v2", "anywhere"), ("v1", "prefix"), ("v1", "anywhere"), ("gcg_short", "prefix"),
+    ("gcg_short", "anywhere")])
 def test_keyword_figures_match_the_shipped_ones(labels, lexicon, match):
     prompts, responses, y = labels
     judge = KeywordJudge(KeywordConfig(lexicon=lexicon, match=match))

@@ -46,7 +46,7 @@ def test_minilm_flags_off_topic_answers_and_keeps_keyword_refusals(judge):
     assert verdicts[2].detail["keyword"]["phrase"] == "I'm sorry"
     assert all(v.harmful is None and v.ok for v in verdicts)
     assert judge.threshold == PYRIT_CALIBRATION.threshold
-    assert judge.judge_id == f"embedding_minilm_t{PYRIT_CALIBRATION.threshold:.3f}+keyword_v1_w256"
+    assert judge.judge_id == f"embedding_minilm_t{PYRIT_CALIBRATION.threshold:.3f}+keyword_v2_w256"
     assert judge.metadata["calibration"]["quality"]["accuracy"] == pytest.approx(159 / 169)
 
 

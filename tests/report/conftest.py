@@ -15,7 +15,7 @@ TS = "2026-01-02T03-04-05.000006"
 BEFORE_FP = "b" * 64
 AFTER_FP = "a" * 64
 ADAPTER_FP = "c" * 64
-JUDGE = "keyword_v1_w256"
+JUDGE = "keyword_v2_w256"
 
 
 def rate(value: float, n: int = 100, half: float = 0.04) -> MetricValue:
