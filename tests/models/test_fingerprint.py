@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from safetypatch.models.fingerprint import fingerprint_folder
@@ -37,3 +43,31 @@ def test_sharded_and_single_file_agree(tmp_path, tiny_model_dirs):
     model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     assert fingerprint_folder(tmp_path / "sharded").sha256 == fingerprint_folder(tiny_model_dirs["llama"]).sha256
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="posix_fadvise, /proc/self/fd")
+def test_the_sampled_rows_are_advised_before_they_are_read_and_the_digest_is_unchanged(tmp_path, monkeypatch):
+    model, _ = build_tiny_model("llama")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    folder = tmp_path / "sharded"
+    monkeypatch.delattr(os, "posix_fadvise", raising=False)
+    without = fingerprint_folder(folder)
+    advised: list[tuple[str, int, int]] = []
+
+    def record(fd: int, offset: int, length: int, advice: int) -> None:
+        advised.append((Path(os.readlink(f"/proc/self/fd/{fd}")).name, offset, offset + length))
+
+    monkeypatch.setattr(os, "posix_fadvise", record, raising=False)
+    assert fingerprint_folder(folder) == without
+    expected = set()
+    for path in folder.glob("*.safetensors"):
+        raw = path.read_bytes()
+        length = int.from_bytes(raw[:8], "little")
+        for name, entry in json.loads(raw[8:8 + length]).items():
+            if name == "__metadata__":
+                continue
+            start, stop = (8 + length + x for x in entry["data_offsets"])
+            n = entry["shape"][0]
+            row = (stop - start) // n
+            expected |= {(path.name, start + r * row, start + (r + 1) * row) for r in (0, n // 3, 2 * n // 3, n - 1)}
+    assert sorted(advised) == sorted(expected)  # each sampled row once, nothing else

@@ -4,6 +4,7 @@ role alignment, the in-place shard writer, and the run plan, on the tiny models 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import safetypatch
 from safetypatch.errors import ConfigError, ModelError, ModelMismatchError, OutputExistsError
+from safetypatch.weights import reader as reader_module
 from safetypatch.weights.stream import (
     LINEAR_PATTERNS,
     CheckpointReader,
@@ -187,6 +189,107 @@ def test_aligned_yields_every_role_in_fp32(tiny_model_dirs, sharded_dir):
         assert torch.equal(tensors["aligned_model"], tensors["target_model"])
         seen.append(name)
     assert seen == names
+
+
+# read-ahead
+
+
+def _header_ranges(folder: Path) -> dict[str, tuple[str, int, int]]:
+    """name → (file, absolute start, stop) of its bytes, from each shard's header parsed here (8-byte little-endian
+    length, JSON, then the data section the offsets count from)."""
+    ranges = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        raw = path.read_bytes()
+        length = int.from_bytes(raw[:8], "little")
+        for name, entry in json.loads(raw[8:8 + length]).items():
+            if name != "__metadata__":
+                start, stop = entry["data_offsets"]
+                ranges[name] = (path.name, 8 + length + start, 8 + length + stop)
+    return ranges
+
+
+@pytest.fixture
+def advised(monkeypatch) -> list[tuple[str, int, int]]:
+    """Every ``posix_fadvise`` call as (file name, start, stop), with WILLNEED checked."""
+    calls: list[tuple[str, int, int]] = []
+
+    def record(fd: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_WILLNEED
+        calls.append((Path(os.readlink(f"/proc/self/fd/{fd}")).name, offset, offset + length))
+
+    monkeypatch.setattr(os, "posix_fadvise", record, raising=False)
+    return calls
+
+
+def _merged(calls: list[tuple[str, int, int]]) -> dict[str, list[tuple[int, int]]]:
+    """Per file, the advised ranges in call order with touching ones joined (each byte advised once: no overlap)."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for file, start, stop in calls:
+        ranges = out.setdefault(file, [])
+        if ranges and ranges[-1][1] == start:
+            ranges[-1] = (ranges[-1][0], stop)
+        else:
+            assert all(stop <= a or start >= b for a, b in ranges), f"{file} {start}..{stop} advised twice"
+            ranges.append((start, stop))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="posix_fadvise, /proc/self/fd")
+def test_will_need_advises_the_bytes_of_the_header_in_bounded_steps(sharded_dir, advised, monkeypatch):
+    monkeypatch.setattr(reader_module, "_ADVISE_STEP", 1000)
+    reader = CheckpointReader(sharded_dir)
+    ranges = _header_ranges(sharded_dir)
+    for name in reader.names():
+        advised.clear()
+        reader.will_need(name)
+        file, start, stop = ranges[name]
+        assert all(b - a <= 1000 and f == file for f, a, b in advised)
+        assert _merged(advised) == {file: [(start, stop)]}, name
+    name = "model.embed_tokens.weight"
+    file, start, stop = ranges[name]
+    advised.clear()
+    reader.will_need(name, 100, 50)
+    reader.will_need(name, stop - start - 10, 1000)  # clipped to the tensor
+    assert advised == [(file, start + 100, start + 150), (file, stop - 10, stop)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="posix_fadvise, /proc/self/fd")
+@pytest.mark.parametrize("window", [0, 20_000, 10**9])
+def test_aligned_reads_ahead_a_bounded_window_in_visiting_order(tiny_model_dirs, sharded_dir, advised, window):
+    folders = {"aligned_model": tiny_model_dirs["llama"], "target_model": sharded_dir}
+    readers = {role: CheckpointReader(folder) for role, folder in folders.items()}
+    names = select_names(readers["target_model"], "linear")
+    ranges = {role: _header_ranges(folder) for role, folder in folders.items()}
+    sizes = [readers["target_model"].nbytes(name) for name in names]
+    for i, (name, _) in enumerate(aligned(readers, names, dtype=None, read_ahead=window)):
+        # By now every role has name i and the next `window` bytes after it asked for, in the order visited.
+        end = sum(sizes[:i + 1]) + window
+        expected: list[tuple[str, int, int]] = []
+        done = 0
+        for other, size in zip(names, sizes, strict=True):
+            if done >= end:
+                break
+            for role in readers:
+                file, start, _ = ranges[role][other]
+                expected.append((role, file, start, start + min(size, end - done)))
+            done += size
+        for role in readers:
+            files = {file for file, _, _ in ranges[role].values()}
+            want = [(file, a, b) for r, file, a, b in expected if r == role]
+            assert _merged([c for c in advised if c[0] in files]) == _merged(want), (name, role)
+    assert sum(b - a for _, a, b in advised) == 2 * sum(sizes)  # every byte once, nothing more
+
+
+def test_aligned_yields_the_same_tensors_without_posix_fadvise(tiny_model_dirs, sharded_dir, monkeypatch):
+    readers = {"aligned_model": CheckpointReader(tiny_model_dirs["llama"]),
+               "target_model": CheckpointReader(sharded_dir)}
+    names = select_names(readers["target_model"], "linear")
+    before = [(n, {r: t.clone() for r, t in x.items()}) for n, x in aligned(readers, names, read_ahead=None)]
+    monkeypatch.delattr(os, "posix_fadvise", raising=False)
+    after = list(aligned(readers, names))
+    assert [n for n, _ in after] == names
+    for (name, x), (_, y) in zip(before, after, strict=True):
+        assert all(torch.equal(x[r].view(torch.uint8), y[r].view(torch.uint8)) for r in readers), name
 
 
 def test_a_shape_mismatch_names_the_tensor_the_roles_and_the_shapes(tiny_model_dirs, narrow_dir):

@@ -8,6 +8,11 @@ keeps every page it has served resident (measured: the process RSS grows by the 
 follow the shard size instead of the tensors in flight. A tensor returned by :meth:`CheckpointReader.get` is a
 copy-on-write view of the file's pages and holds only its own.
 
+Reading a tensor faults its pages in as they are touched, so from a cold page cache each read waits for the disk.
+:meth:`CheckpointReader.will_need` asks the kernel to start reading a tensor's bytes in the background
+(``posix_fadvise(WILLNEED)``); ``weights.stream`` calls it a bounded window ahead of the tensor being computed, so
+that the disk works while the CPU does. It is a hint: a no-op where the platform has no ``posix_fadvise``.
+
 The safetensors dtype table and :class:`TensorInfo` are shared with ``weights.writer``, which writes the same
 format.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,9 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 # A header larger than this is not a real checkpoint's (safetensors itself refuses above 100 MB).
 _MAX_HEADER_BYTES = 100 * 2**20
+# Linux reads at most max(the device's read-ahead window, its largest request) per WILLNEED call (commonly 1-8 MiB)
+# and drops the rest of a longer range, so a long range is advised in steps of this size.
+_ADVISE_STEP = 2**20
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,19 @@ class CheckpointReader:
             self._data_starts[info.file] = _data_start(path)
         return path, self._data_starts[info.file] + info.offset, info.nbytes
 
+    def will_need(self, name: str, start: int = 0, length: int | None = None) -> None:
+        """Ask the kernel to start reading ``name``'s stored bytes ``start`` to ``start + length`` (default: to its
+        end) into the page cache, without waiting for the disk; a later :meth:`get` then finds them there. A hint:
+        it does nothing where the platform has no ``posix_fadvise``, or where the file system refuses it.
+
+        Raises:
+            ModelError: no such tensor, the reader is closed, or the shard's header cannot be read.
+        """
+        path, offset, nbytes = self.byte_range(name)
+        stop = nbytes if length is None else min(nbytes, start + length)
+        if start < stop:
+            will_need(path, offset + start, stop - start)
+
     @property
     def config(self) -> dict[str, Any]:
         """The folder's ``config.json`` as a dict (empty when the folder has none).
@@ -172,6 +194,24 @@ class CheckpointReader:
         except Exception as exc:  # safetensors raises its own error types for truncated or changed files
             raise ModelError(f"{path}: cannot read tensor {name} ({exc}); the file changed or is truncated. "
                              "Download or write the checkpoint again.") from exc
+
+
+def will_need(path: Path, offset: int, length: int) -> None:
+    """``posix_fadvise(WILLNEED)`` on bytes ``offset`` to ``offset + length`` of ``path``, in steps the kernel reads
+    whole; nothing where the platform lacks it or the file system refuses it (it is only a hint)."""
+    if not hasattr(os, "posix_fadvise") or length <= 0:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # the read that follows reports a missing or unreadable shard
+    try:
+        for step in range(offset, offset + length, _ADVISE_STEP):
+            os.posix_fadvise(fd, step, min(_ADVISE_STEP, offset + length - step), os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _read_json(path: Path) -> Any:

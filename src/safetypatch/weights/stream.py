@@ -9,7 +9,10 @@ Roles of the pieces:
   :class:`~safetypatch.weights.elementwise.Elementwise` are re-exported here.
 - :func:`select_names` picks the tensors a method touches (``linear`` or ``all_2d`` scope, §2.3).
 - :func:`aligned` yields, per name, every role's tensor in fp32 (or as stored) after checking presence and shape
-  across roles.
+  across roles. Before it reads a tensor it asks the kernel to read that tensor and the next
+  :data:`READ_AHEAD_BYTES` of every role, in the order it visits them
+  (:meth:`~safetypatch.weights.reader.CheckpointReader.will_need`), so that from a cold page cache the disk reads
+  ahead while the CPU computes instead of each page fault waiting for it.
 - :class:`Elementwise` is an element-wise result the writer computes chunk by chunk from the stored inputs (no
   fp32 copy of a whole tensor; the same bytes).
 - :func:`plan` sizes a run before it starts (tensors, bytes read per role, expected peak memory) for ``--dry-run``.
@@ -26,9 +29,10 @@ A method is then a loop::
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,6 +45,7 @@ from safetypatch.weights.writer import CheckpointWriter
 
 __all__ = [
     "LINEAR_PATTERNS",
+    "READ_AHEAD_BYTES",
     "CheckpointReader",
     "CheckpointWriter",
     "Elementwise",
@@ -69,6 +74,9 @@ _LAYER = re.compile(r"\.(\d+)\.")
 # one temporary; an SVD adds U, Vᵀ and the LAPACK / cuSOLVER workspace (about three more).
 _WORK_COPIES = 2
 _SVD_COPIES = 3
+READ_AHEAD_BYTES = 128 * 2**20
+"""Bytes of every role beyond the tensor being yielded that :func:`aligned` asks the kernel to read ahead. They go
+to the page cache, not to the process: the peak RSS does not change."""
 
 
 def select_names(reader: CheckpointReader, scope: ParamScope = "linear",
@@ -161,10 +169,13 @@ def _check_aligned(readers: Mapping[str, CheckpointReader], names: Sequence[str]
 
 
 def aligned(readers: Mapping[str, CheckpointReader], names: Sequence[str], *,
-            dtype: torch.dtype | None = torch.float32) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+            dtype: torch.dtype | None = torch.float32,
+            read_ahead: int | None = READ_AHEAD_BYTES) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """Yield each name with every role's tensor as fp32 CPU, one name at a time (METHODS.md §2.3, §5.2).
 
     All names are checked in every role before the first tensor is read, so a mismatch fails before any work.
+    Before each name is read, its bytes and the next ``read_ahead`` bytes of the following names are advised to
+    the kernel in every role (:class:`_ReadAhead`); the values are the same with or without.
 
     Args:
         readers: role (``base_model``, ``aligned_model``, ``unsafe_model``, ``target_model``) → its reader.
@@ -172,6 +183,7 @@ def aligned(readers: Mapping[str, CheckpointReader], names: Sequence[str], *,
         dtype: what every tensor is converted to; None keeps the storage dtype and the memory-mapped tensor
             itself (no copy), for element-wise methods that upcast chunk by chunk
             (:class:`~safetypatch.weights.elementwise.Elementwise`).
+        read_ahead: bytes per role to have read ahead beyond the yielded tensor; None asks nothing.
 
     Yields:
         (name, {role: tensor}).
@@ -182,11 +194,43 @@ def aligned(readers: Mapping[str, CheckpointReader], names: Sequence[str], *,
             the tensor, the roles and their shapes.
     """
     _check_aligned(readers, names)
-    for name in names:
+    ahead = None if read_ahead is None else _ReadAhead(readers.values(), names, read_ahead)
+    for i, name in enumerate(names):
+        if ahead is not None:
+            ahead.advise(i)
         if dtype is None:
             yield name, {role: reader.get(name) for role, reader in readers.items()}
         else:
             yield name, {role: reader.get(name).to(dtype) for role, reader in readers.items()}
+
+
+class _ReadAhead:
+    """Per reader, the bytes of ``names`` in visiting order as one sequence, advised to the kernel up to a moving
+    mark: :meth:`advise` before name ``i`` is read moves the mark to ``window`` bytes past its end (a name straddling
+    the mark is advised in part, the rest later), so each byte is advised once and at most the current tensor plus
+    ``window`` bytes per reader are asked for ahead of the reads."""
+
+    def __init__(self, readers: Iterable[CheckpointReader], names: Sequence[str], window: int) -> None:
+        self._names = names
+        self._window = max(window, 0)
+        self._readers = list(readers)
+        self._ends = [list(itertools.accumulate(reader.nbytes(name) for name in names)) for reader in self._readers]
+        self._next = [0] * len(self._readers)  # per reader: the first name not advised whole
+        self._mark = [0] * len(self._readers)  # per reader: bytes advised so far, in visiting order
+
+    def advise(self, i: int) -> None:
+        """Have name ``i`` and the next ``window`` bytes after it advised in every reader."""
+        for k, reader in enumerate(self._readers):
+            ends, j, mark = self._ends[k], self._next[k], self._mark[k]
+            target = ends[i] + self._window
+            while j < len(ends) and mark < target:
+                begin = ends[j - 1] if j else 0
+                stop = min(ends[j], target)
+                reader.will_need(self._names[j], mark - begin, stop - mark)
+                mark = stop
+                if mark == ends[j]:
+                    j += 1
+            self._next[k], self._mark[k] = j, mark
 
 
 def compute_device() -> torch.device:
