@@ -24,6 +24,7 @@ import torch
 from transformers import TrainerCallback
 
 import safetypatch
+from safetypatch.api.train import own_refusals
 from safetypatch.data import canonical_split
 from safetypatch.eval.generate import GenerationProtocol, generate_chat
 from safetypatch.eval.judges import build_judge
@@ -55,6 +56,9 @@ def main() -> None:
     benign = [r.prompt for n in retain_names for r in train_rows[n]][: recipe.retain_count]
     start = time.perf_counter()
     answers = _cached_answers(model, tok, benign, args.retain_max_new, out / "retain_cache.json") if benign else []
+    if not args.keep_retain_refusals:  # as safetypatch train does by default
+        kept = [i for i, refused in enumerate(own_refusals(answers)) if not refused]
+        benign, answers = [benign[i] for i in kept], [answers[i] for i in kept]
     examples = build_refusal_examples(harmful, seed=recipe.refusal_seed) + build_retain_examples(
         benign, answers, weight=recipe.retain_weight)
     tokenized = tokenize_examples(tok, examples, max_length=recipe.max_length, think=recipe.think)
@@ -137,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--harmful", default=",".join(HARMFUL))
     p.add_argument("--retain", default=",".join(RETAIN))
     p.add_argument("--retain-max-new", type=int, default=32)
+    p.add_argument("--keep-retain-refusals", action="store_true", help="Keep retain answers that refuse.")
     p.add_argument("--snap-every", type=int, default=0, help="Also judge a snapshot every N optimiser steps.")
     p.add_argument("--dev-tokens", type=int, default=24, help="New tokens per development answer.")
     p.add_argument("--output-dir", type=Path, default=Path("runs/dev-sweep"))

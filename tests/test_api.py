@@ -65,16 +65,19 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
     assert run.exit_code != 0 and "name=value" in run.output
 
 
-def test_train_patch_writes_a_verified_patch_that_evaluates(tmp_path, tiny_model_dirs):
+def test_train_patch_writes_a_verified_patch_that_evaluates(tmp_path, tiny_model_dirs, monkeypatch):
+    judged = []
+    monkeypatch.setattr(api.train, "own_refusals", lambda rs: judged.extend(rs) or [i == 0 for i in range(len(rs))])
     cfg = api.TrainConfig(
         model=str(tiny_model_dirs["llama"]), n_harmful=3, n_per_set={"advbench": 1}, harmful=["harmbench", "advbench"],
-        recipe_overrides={"max_steps": 2, "per_device_train_batch_size": 4, "retain_count": 3, "max_length": 256,
+        recipe_overrides={"max_steps": 2, "per_device_train_batch_size": 4, "retain_count": 4, "max_length": 256,
                           "learning_rate": 1e-3},
         retain_max_new_tokens=6, output=tmp_path / "patch",
     )
     result = api.train_patch(cfg)
     manifest = json.loads((result.path / "safety_patch.json").read_text())
-    assert (result.n_refusal, result.n_retain) == (3 + 1, 3)
+    assert (result.n_refusal, result.n_retain) == (3 + 1, 4 - 1) and len(judged) == 4
+    assert manifest["extra"]["retain_own_refusals_dropped"] == 1
     assert manifest["method"] == "refusal_sft" and manifest["training"]["steps"] == 2
     assert {d["name"] for d in manifest["data"]} == {
         "harmbench", "advbench", "xstest-safe", "everyday-requests", "contrast-benign", "benign-edgy", "chat"}
@@ -83,6 +86,12 @@ def test_train_patch_writes_a_verified_patch_that_evaluates(tmp_path, tiny_model
     assert sorted(p.name for p in tmp_path.iterdir()) == ["patch"]
     with pytest.raises(OutputExistsError, match="already exists"):
         api.train_patch(cfg)
+
+
+def test_own_refusals_flags_the_models_refusals_of_benign_prompts():
+    answers = ["I'm sorry for any misunderstanding, but as a chatbot designed to assist with general questions, I",
+               "Sorry, that's not something I can help with.", "Preheat the oven to 180 C and grease the tin."]
+    assert api.train.own_refusals(answers) == [True, True, False]
 
 
 def test_train_config_per_set_counts_must_name_a_harmful_set():

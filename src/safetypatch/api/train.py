@@ -42,6 +42,9 @@ class TrainConfig(StrictConfig):
         description="Benign sets (train halves) whose first recipe.retain_count prompts the model answers itself: "
                     "look-alikes of harmful requests (docs/patches.md).")
     retain_max_new_tokens: int = Field(32, gt=0, description="Length of the model's own retain answers.")
+    retain_keep_refusals: bool = Field(False, description="Keep the retain answers in which the model refuses the "
+                                                          "benign prompt itself (dropped by default: they would "
+                                                          "train refusing benign look-alikes).")
     output: Path = Field(Path("runs/patch"), description="Patch folder (PEFT adapter + safety_patch.json; full "
                                                          "mode: a complete model folder + safety_patch.json).")
     overwrite: bool = Field(False, description="Replace an existing patch folder.")
@@ -84,7 +87,7 @@ class TrainPatchResult:
         path: the patch folder.
         training: the manifest's training block (losses, speed, launch).
         n_refusal: harmful prompts trained to be refused.
-        n_retain: benign prompts trained on the model's own answers.
+        n_retain: benign prompts trained on the model's own answers (after dropping its own refusals).
         seconds: wall time.
         written: whether this process wrote ``path`` (under ``accelerate launch`` only the main process does).
     """
@@ -107,7 +110,8 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
     ``("train", step, max_steps)`` after every optimiser step.
 
     Training rows that duplicate a prompt of any safety task's evaluation split (sets overlap: e.g. StrongREJECT
-    and HarmBench share behaviours) are dropped and counted in the manifest.
+    and HarmBench share behaviours) are dropped and counted in the manifest, and so are the retain answers in which
+    the model refuses a benign prompt itself (:func:`own_refusals`), unless ``retain_keep_refusals`` is set.
 
     Under ``accelerate launch`` (docs/distributed.md) every process builds the same data (the main process fills
     the caches first; a digest of the tokenised examples must agree everywhere), the retain answers are generated
@@ -153,6 +157,9 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
     check_no_overlap(train_prompts, held_out, what="patch training prompts vs evaluation splits")
     protocol = GenerationProtocol(max_new_tokens=cfg.retain_max_new_tokens, dtype=loaded.dtype, seed=recipe.seed)
     answers = _retain_answers(loaded, benign, protocol, progress)
+    if not cfg.retain_keep_refusals:
+        refused = own_refusals([a.response for a in answers])
+        answers = [answer for answer, no in zip(answers, refused, strict=True) if not no]
     examples = build_refusal_examples(harmful, seed=recipe.refusal_seed) + build_retain_examples(
         [a.prompt for a in answers], [a.response for a in answers], weight=recipe.retain_weight)
     tokenized = tokenize_examples(loaded.tokenizer, examples, max_length=recipe.max_length, think=recipe.think)
@@ -170,13 +177,32 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
             template_sha256=chat_template_sha256(loaded.tokenizer), seed=recipe.seed,
             contamination={"ngram13_eval_prompts": count_ngram_overlap(train_prompts, held_out),
                            "dropped_eval_duplicates": unseen.dropped},
-            training=result.to_dict(), extra={"retain_protocol": protocol.to_dict(), "train_config": cfg.model_dump(
-                mode="json"), "examples_sha256": examples_sha256},
+            training=result.to_dict(), extra={
+                "retain_protocol": protocol.to_dict(), "train_config": cfg.model_dump(mode="json"),
+                "examples_sha256": examples_sha256, "retain_own_refusals_dropped": len(benign) - len(answers)},
         )
         if result.launch.is_main_process:
             _save(cfg, loaded, recipe, result, manifest)
     return TrainPatchResult(cfg.output, result.to_dict(), len(harmful), len(answers), time.perf_counter() - start,
                             written=result.launch.is_main_process)
+
+
+def own_refusals(responses: list[str]) -> list[bool]:
+    """Which of the model's own answers to benign retain prompts are refusals, by the default keyword judge
+    (``keyword_v2_w256``): a retain example teaches the patch to answer, so one that refuses would teach the
+    opposite (SmolLM2-135M-Instruct refuses 23 of its 655 retain prompts: "I'm sorry for any misunderstanding, but
+    as a chatbot ...").
+
+    Args:
+        responses: the answers, in order.
+
+    Returns:
+        One flag per answer, True where it refuses.
+    """
+    from safetypatch.eval.judges.keyword import KeywordJudge
+
+    judge = KeywordJudge()
+    return [bool(judge.judge_one(response).refused) for response in responses]
 
 
 def _load_inputs(cfg: TrainConfig) -> tuple[LoadedModel, dict[str, Any], list[str]]:

@@ -83,6 +83,8 @@ def train(
                                                        "harmbench=150.")] = None,
     retain: Annotated[str | None, typer.Option(help="Comma-separated benign retain sets.")] = None,
     retain_max_new_tokens: Annotated[int | None, typer.Option(help="Length of retain answers.")] = None,
+    retain_keep_refusals: Annotated[bool | None, typer.Option(
+        "--retain-keep-refusals", help="Keep retain answers in which the model refuses a benign prompt.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Patch folder.")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16.")] = None,
     overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace an existing patch.")] = None,
@@ -94,7 +96,8 @@ def train(
     cfg = load_config(api.TrainConfig, config, dict(
         model=model, revision=revision, recipe=recipe, recipe_overrides=pairs(set_), full=full,
         harmful=split(harmful), n_harmful=n_harmful, n_per_set=pairs(n_per_set), retain=split(retain),
-        retain_max_new_tokens=retain_max_new_tokens, output=output, dtype=dtype, overwrite=overwrite))
+        retain_max_new_tokens=retain_max_new_tokens, retain_keep_refusals=retain_keep_refusals, output=output,
+        dtype=dtype, overwrite=overwrite))
     console.print(f"[bold]safetypatch train[/] {cfg.recipe} patch on {cfg.model} -> {cfg.output}")
     with console.status("generating retain answers and training..."):
         result = api.train_patch(cfg)
