@@ -101,6 +101,15 @@ def test_train_config_per_set_counts_must_name_a_harmful_set():
         api.TrainConfig(harmful=["harmbench"], n_per_set={"harmbench": 0})
 
 
+def test_train_config_harmful_counts():
+    assert api.TrainConfig(harmful=["harmbench", "advbench"]).harmful_counts() == {"harmbench": 150, "advbench": 60}
+    assert api.TrainConfig(harmful=["advbench"]).harmful_counts() == {"advbench": 60}
+    assert api.TrainConfig(harmful=["harmbench", "advbench"], n_harmful=5).harmful_counts() == {
+        "harmbench": 5, "advbench": 5}
+    assert api.TrainConfig(harmful=["harmbench", "advbench"], n_harmful=5, n_per_set={"advbench": 9}).harmful_counts(
+    ) == {"harmbench": 5, "advbench": 9}
+
+
 def test_cli_train_with_recipe_overrides(tmp_path, tiny_model_dirs):
     out = tmp_path / "patch"
     args = ["train", "--model", str(tiny_model_dirs["qwen2"]), "--harmful", "harmbench", "--n-harmful", "2",

@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from safetypatch.train.recipes import PatchRecipe
 
 
+DEFAULT_PER_SET: dict[str, int] = {"harmbench": 150}
+"""HarmBench gets more training prompts than the other sets by default: its contextual (a document, then the
+request) and copyright behaviours are the ones 60 prompts leave unrefused (docs/patches.md, development rows)."""
+
+
 class TrainConfig(StrictConfig):
     """Options of ``safetypatch train``: Refusal-SFT of a safety patch on safety data (METHODS.md §3.1)."""
 
@@ -35,8 +40,9 @@ class TrainConfig(StrictConfig):
         ["harmbench", "advbench", "strongreject", "xstest-unsafe", "contrast-harmful"],
         description="Harmful sets (train halves), each prompt paired with a refusal (docs/patches.md).")
     n_harmful: int | None = Field(60, gt=0, description="Most harmful prompts per set.")
-    n_per_set: dict[str, int] = Field(default_factory=dict, description="Harmful sets whose count replaces "
-                                                                        "n_harmful, e.g. {harmbench: 150}.")
+    n_per_set: dict[str, int] | None = Field(
+        None, description="Harmful sets whose count replaces n_harmful, e.g. {harmbench: 150}. Unset: "
+                          "DEFAULT_PER_SET when n_harmful is left at its default too, none when n_harmful is set.")
     retain: list[str] = Field(
         ["xstest-safe", "everyday-requests", "contrast-benign", "benign-edgy", "chat"],
         description="Benign sets (train halves) whose first recipe.retain_count prompts the model answers itself: "
@@ -56,14 +62,21 @@ class TrainConfig(StrictConfig):
             raise ConfigError(f"TrainConfig: full is true (CLI --full) but recipe_overrides sets mode="
                               f"{self.recipe_overrides['mode']!r} (CLI --set mode=...); drop one of them: full "
                               "trains every weight (mode=full).")
-        unknown = sorted(set(self.n_per_set) - set(self.harmful))
+        unknown = sorted(set(self.n_per_set or ()) - set(self.harmful))
         if unknown:
             raise ConfigError(f"TrainConfig: n_per_set names {unknown}, which are not in harmful {self.harmful}; "
                               "add them to harmful (CLI --harmful) or drop them from n_per_set (CLI --n-per-set).")
-        bad = {name: n for name, n in self.n_per_set.items() if n < 1}
+        bad = {name: n for name, n in (self.n_per_set or {}).items() if n < 1}
         if bad:
             raise ConfigError(f"TrainConfig: n_per_set counts must be positive, got {bad}.")
         return self
+
+    def harmful_counts(self) -> dict[str, int | None]:
+        """Most training prompts per harmful set (None: all of its train half), after ``n_per_set``."""
+        per_set = self.n_per_set
+        if per_set is None:
+            per_set = {} if "n_harmful" in self.model_fields_set else DEFAULT_PER_SET
+        return {name: per_set.get(name, self.n_harmful) for name in self.harmful}
 
     def patch_recipe(self) -> PatchRecipe:
         """The recipe: preset ``recipe`` with ``recipe_overrides`` applied, and mode ``full`` when ``full`` is set.
@@ -150,8 +163,7 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
     recipe = cfg.patch_recipe()
     loaded, splits, held_out = _load_inputs(cfg)
     unseen = _Unseen(held_out)
-    harmful = [row for name in cfg.harmful
-               for row in unseen.rows(splits[name].train.rows)[: cfg.n_per_set.get(name, cfg.n_harmful)]]
+    harmful = [row for name, n in cfg.harmful_counts().items() for row in unseen.rows(splits[name].train.rows)[:n]]
     benign = [row.prompt for name in cfg.retain for row in unseen.rows(splits[name].train.rows)][: recipe.retain_count]
     train_prompts = [row.prompt for row in harmful] + benign
     check_no_overlap(train_prompts, held_out, what="patch training prompts vs evaluation splits")

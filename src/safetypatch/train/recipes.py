@@ -107,11 +107,11 @@ class PatchRecipe(StrictConfig):
 
 RECIPES: Registry[dict[str, Any]] = Registry("recipe")
 # Mou et al.'s patch shape (rank 8, every linear layer) with the budget measured on SmolLM2-135M on 2 CPU cores
-# (docs/patches.md, development splits): 1.5 epochs at lr 2e-4, batch 8, no dropout, every self-answered look-alike
+# (docs/patches.md, development splits): 1 epoch at lr 2e-4, batch 8, no dropout, every self-answered look-alike
 # prompt of the retain sets at loss weight 1, and the first four completion tokens (refuse or answer) weighted 3x.
 RECIPES.register("mou", {
     "r": 8, "target_modules": ALL_LINEAR, "layer_range": None, "lora_dropout": 0.0, "learning_rate": 2e-4,
-    "num_train_epochs": 1.5, "per_device_train_batch_size": 8, "max_length": 256, "retain_count": 600,
+    "num_train_epochs": 1.0, "per_device_train_batch_size": 8, "max_length": 256, "retain_count": 1000,
     "retain_weight": 1.0, "lead_tokens": 4, "lead_weight": 3.0,
 })
 RECIPES.register("xue", {
