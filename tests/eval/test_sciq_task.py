@@ -7,28 +7,16 @@ import pytest
 import safetypatch
 from safetypatch.api.finetune import _refuse_fully_evaluated
 from safetypatch.eval import evaluator
-from safetypatch.eval.evaluator import EvalPlan, ModelUnderTest, run_tasks
-from safetypatch.eval.generate import Generation, GenerationProtocol
-from safetypatch.eval.results import ResultsBuilder, read_results
+from safetypatch.eval.generate import Generation
 from safetypatch.eval.task import TASKS, task_rows
-from tests.tiny import build_tiny_model
+from tests.eval.helpers import run_task
 from tests.train.conftest import single_cpu_thread  # noqa: F401  (autouse)
-
-PROTOCOL = GenerationProtocol(max_new_tokens=8, dtype="float32", batch_size=4)
-
-
-def _run(tmp_path, limit):
-    model, tok = build_tiny_model("llama")
-    builder = ResultsBuilder("tiny-llama", generation_kwargs=PROTOCOL.to_dict())
-    run_tasks(ModelUnderTest(model, tok), EvalPlan(("sciq",), {"sciq": limit}, PROTOCOL), builder)
-    results = read_results(builder.write(tmp_path))
-    return results, results.samples("sciq")
 
 
 def test_sciq_task_runs_on_a_tiny_model_through_the_evaluator(tmp_path):
     spec = TASKS.get("sciq")
     assert (spec.dataset, spec.kind, spec.split, spec.max_new_tokens) == ("sciq", "short_answer", "eval", 16)
-    results, samples = _run(tmp_path, 3)
+    results, samples = run_task(tmp_path, "sciq", 3)
     exact = results.metric("sciq", "exact_match", "first-line")
     assert exact.n == 3 and exact.value == pytest.approx(sum(s["exact_match"] for s in samples) / 3)
     rows = task_rows(spec, 3).rows
@@ -50,7 +38,7 @@ def test_sciq_task_scores_the_normalised_first_line(tmp_path, monkeypatch):
         return [Generation(p, reply(gold[p]), 4, "eos", "0" * 64) for p, reply in zip(prompts, replies, strict=True)]
 
     monkeypatch.setattr(evaluator, "generate_chat", oracle)
-    results, samples = _run(tmp_path, 4)
+    results, samples = run_task(tmp_path, "sciq", 4)
     assert [s["exact_match"] for s in samples] == [1, 1, 0, 0]
     assert results.metric("sciq", "exact_match", "first-line").value == pytest.approx(0.5)
 
