@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from safetypatch.eval import evaluator
-from safetypatch.eval.generate import Generation
 from safetypatch.eval.gsm8k import INSTRUCTION, is_correct
 from safetypatch.eval.task import TASKS, task_rows
-from tests.eval.helpers import run_task
+from tests.eval.helpers import run_task, run_task_with_replies
 from tests.train.conftest import single_cpu_thread  # noqa: F401  (autouse)
 
 
@@ -27,16 +25,9 @@ def test_arith_task_runs_on_a_tiny_model_through_the_evaluator(tmp_path):
 def test_arith_task_scores_the_final_number_at_two_decimals(tmp_path, monkeypatch):
     """Right answers (strict '####', or the last number, with separators and trailing zeros) count; an unrounded
     value does not."""
-    rows = task_rows(TASKS.get("arith"), 4).rows
-    gold = {INSTRUCTION + row.prompt: row.answer for row in rows}
     replies = [lambda a: f"So:\n#### {a}", lambda a: f"The answer is {float(a):,.2f}.", lambda a: f"#### {a}7",
                lambda a: "I cannot say."]
-
-    def oracle(model, tokenizer, prompts, protocol, progress=None):
-        return [Generation(p, reply(gold[p]), 4, "eos", "0" * 64) for p, reply in zip(prompts, replies, strict=True)]
-
-    monkeypatch.setattr(evaluator, "generate_chat", oracle)
-    results, samples = run_task(tmp_path, "arith", 4)
+    results, samples = run_task_with_replies(tmp_path, monkeypatch, "arith", replies, INSTRUCTION)
     assert [s["exact_match"] for s in samples] == [1, 1, 0, 0]
     assert results.metric("arith", "exact_match", "flexible-extract").value == pytest.approx(0.5)
 

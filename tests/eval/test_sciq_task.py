@@ -6,10 +6,8 @@ import pytest
 
 import safetypatch
 from safetypatch.api.finetune import _refuse_fully_evaluated
-from safetypatch.eval import evaluator
-from safetypatch.eval.generate import Generation
 from safetypatch.eval.task import TASKS, task_rows
-from tests.eval.helpers import run_task
+from tests.eval.helpers import run_task, run_task_with_replies
 from tests.train.conftest import single_cpu_thread  # noqa: F401  (autouse)
 
 
@@ -29,16 +27,9 @@ def test_sciq_task_runs_on_a_tiny_model_through_the_evaluator(tmp_path):
 def test_sciq_task_scores_the_normalised_first_line(tmp_path, monkeypatch):
     """The answer with case, punctuation and an article, or followed by a second line, counts; a sentence around
     it, or another word, does not."""
-    rows = task_rows(TASKS.get("sciq"), 4).rows
-    gold = {row.prompt: row.answer for row in rows}
     replies = [lambda a: f"The {a.upper()}.", lambda a: f"{a}\nThe passage says so.", lambda a: f"It is {a}.",
                lambda a: "I do not know."]
-
-    def oracle(model, tokenizer, prompts, protocol, progress=None):
-        return [Generation(p, reply(gold[p]), 4, "eos", "0" * 64) for p, reply in zip(prompts, replies, strict=True)]
-
-    monkeypatch.setattr(evaluator, "generate_chat", oracle)
-    results, samples = run_task(tmp_path, "sciq", 4)
+    results, samples = run_task_with_replies(tmp_path, monkeypatch, "sciq", replies)
     assert [s["exact_match"] for s in samples] == [1, 1, 0, 0]
     assert results.metric("sciq", "exact_match", "first-line").value == pytest.approx(0.5)
 
