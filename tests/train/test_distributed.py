@@ -42,13 +42,15 @@ from safetypatch.train.examples import build_refusal_examples, tokenize_examples
 from safetypatch.train.loss import completion_loss
 from safetypatch.train.recipes import get_recipe
 from safetypatch.train.refusal_sft import TrainResult, make_trainer, train_refusal_patch
+from safetypatch.utils import environment
 from tests.tiny import build_tiny_model
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-# 12 refusals and 20 retain answers (two generation batches of 16, one per process), 4 steps of global batch 4.
+# 12 refusals and 20 retain answers (two generation batches of 16, one per process), 4 steps of global batch 4, in
+# fp32: bf16 autocast (auto's choice on a CPU with native bf16) rounds differently when the batch shape changes.
 TRAIN_ARGS = ["train", "--harmful", "harmbench", "--n-harmful", "12", "--retain", "xstest-safe",
               "--retain-max-new-tokens", "8"]
-RECIPE = "retain_count=20,max_steps=4,lora_dropout=0,learning_rate=1e-3"
+RECIPE = "retain_count=20,max_steps=4,lora_dropout=0,learning_rate=1e-3,precision=fp32"
 LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -140,16 +142,18 @@ def test_ls_accelerate_lists_the_presets_and_prints_one_path_for_config_file():
     assert unknown.exit_code == 2 and "Did you mean 'zero3'" in unknown.output
 
 
-@pytest.mark.parametrize(("requested", "launcher", "cuda", "expected"), [
-    ("auto", None, None, "fp32"), ("auto", "no", "bf16", "bf16"), ("auto", None, "fp16", "fp16"),
-    ("auto", "bf16", None, "bf16"), ("fp16", "fp16", "bf16", "fp16"), ("fp32", "no", "bf16", "fp32"),
+@pytest.mark.parametrize(("requested", "launcher", "device", "expected"), [
+    ("auto", None, "cpu", "fp32"), ("auto", None, "cpu-bf16", "bf16"), ("auto", "no", "gpu-bf16", "bf16"),
+    ("auto", None, "gpu-fp16", "fp16"), ("auto", "bf16", "cpu", "bf16"), ("fp16", "fp16", "gpu-bf16", "fp16"),
+    ("fp32", "no", "gpu-bf16", "fp32"), ("fp32", None, "cpu-bf16", "fp32"),
 ])
-def test_precision_follows_the_recipe_or_the_launcher(monkeypatch, requested, launcher, cuda, expected):
+def test_precision_follows_the_recipe_or_the_launcher(monkeypatch, requested, launcher, device, expected):
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     if launcher is not None:
         monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda is not None)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: cuda == "bf16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: device.startswith("gpu"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: device == "gpu-bf16")
+    monkeypatch.setattr(environment, "cpu_has_bf16", lambda: device == "cpu-bf16")
     assert resolve_precision(requested) == expected
 
 
@@ -180,7 +184,7 @@ def _trained(tmp_path, mode="lora"):
     trainer = make_trainer(model, tok, _refusals(tok), recipe, tmp_path / "work")
     trainer.train()
     trainer.save_model(str(tmp_path / "trained"))  # what Trainer writes after gathering FSDP / ZeRO weights
-    return trainer.model.eval(), tok, recipe
+    return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval(), tok, recipe
 
 
 def test_export_gathers_through_trainer_only_for_sharded_runs_and_only_the_main_process_keeps_it(tmp_path):
@@ -285,4 +289,4 @@ def test_the_training_block_records_the_launch_without_copying_the_model(tmp_pat
     assert "model" not in block and "exported" not in block and block["loss_history"] == [[1, 2.0]]
     model, tok = build_tiny_model("llama")
     result = train_refusal_patch(model, tok, _refusals(tok), get_recipe("mou", max_steps=1), tmp_path / "run")
-    assert result.launch == Launch("NO", 1, "fp32") and result.exported is None
+    assert result.launch == Launch("NO", 1, resolve_precision("auto")) and result.exported is None

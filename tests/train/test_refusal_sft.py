@@ -82,6 +82,27 @@ def test_d_mode_string_places_two_modules_and_one_step_touches_only_them(tmp_pat
     torch.testing.assert_close(probe_logits(attached, ids), probe_logits(result.model, ids), rtol=0, atol=1e-5)
 
 
+def test_bf16_trains_under_autocast_on_a_cpu_and_returns_an_fp32_model(tmp_path):
+    """precision=bf16 must change the arithmetic (the loss's fast path runs outside the model's forward), keep the
+    LoRA weights fp32, and hand back a model without accelerate's autocast wrapper (its logits are fp32's)."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        model, tok = build_tiny_model("llama")
+        recipe = get_recipe("mou", max_steps=2, learning_rate=1e-2, per_device_train_batch_size=4, lora_dropout=0.0,
+                            precision=precision)
+        runs[precision] = train_refusal_patch(model, tok, refusal_data(tok), recipe, tmp_path / precision)
+    fp32, bf16 = (torch.tensor([loss for _, loss in runs[p].loss_history]) for p in ("fp32", "bf16"))
+    assert runs["bf16"].launch.precision == "bf16" and not torch.equal(fp32, bf16)
+    torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.0)  # rounding, not a different objective
+    trained = runs["bf16"].model
+    assert {p.dtype for n, p in trained.named_parameters() if "lora_" in n} == {torch.float32}
+    saved = save_patch(trained, tmp_path / "patch", PatchManifest(method="refusal_sft"))
+    fresh, _ = build_tiny_model("llama")
+    ids = probe_input_ids(fresh)
+    torch.testing.assert_close(probe_logits(attach_patch(fresh, saved).model, ids), probe_logits(trained, ids),
+                               rtol=0, atol=1e-5)
+
+
 def test_e_gradient_of_prompt_and_pad_logits_is_zero(tmp_path):
     model, tok = build_tiny_model("llama")
     trainer = make_trainer(model, tok, refusal_data(tok), get_recipe("mou", per_device_train_batch_size=4), tmp_path)
@@ -176,7 +197,7 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
         model, tok = build_tiny_model("llama")
         recipe = get_recipe("lora_mlp_r2", max_steps=1, learning_rate=1e-2, lora_dropout=0.0,
                             per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-                            regularizer=RegularizerConfig(k=8, beta=0.5))
+                            regularizer=RegularizerConfig(k=8, beta=0.5), precision="fp32")  # bf16 rounds per shape
         result = train_refusal_patch(model, tok, refusal_data(tok), recipe, tmp_path / f"{batch}")
         patch = patch_from_peft(result.model)
         deltas.append({m: patch.delta(m) for m in patch.modules})
@@ -212,7 +233,7 @@ def test_f_overfit_four_refusals_and_stop_at_eot(tmp_path):
     model, tok = build_tiny_model("llama")
     data = refusal_data(tok)
     recipe = get_recipe("mou", mode="full", learning_rate=3e-3, lr_scheduler_type="constant", weight_decay=0.0,
-                        max_steps=100, per_device_train_batch_size=4)
+                        max_steps=100, per_device_train_batch_size=4, precision="fp32")
     result = train_refusal_patch(model, tok, data, recipe, tmp_path)
     assert result.loss_history[-1][1] < 0.1
     peft = result.model

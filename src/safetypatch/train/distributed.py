@@ -25,6 +25,7 @@ from safetypatch.models.fingerprint import safetensors_files
 from safetypatch.patch.artifact import load_patch
 from safetypatch.patch.factors import Patch, lora_modules
 from safetypatch.registry import Registry
+from safetypatch.utils import environment
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +76,10 @@ def resolve_precision(requested: str) -> str:
 
     ``auto`` takes the launcher's ``mixed_precision`` (``accelerate launch --mixed_precision``, or its config file;
     read from ``ACCELERATE_MIXED_PRECISION``) when that is bf16 or fp16; otherwise bf16 on a GPU with bf16, fp16 on
-    other GPUs and fp32 on a CPU. An explicit ``fp32``, ``bf16`` or ``fp16`` must agree with a launcher that sets
-    one: transformers would otherwise train in the launcher's precision while the manifest recorded the recipe's.
+    other GPUs, bf16 autocast on a CPU that multiplies bf16 natively (:func:`cpu_has_bf16`) and fp32 on other CPUs.
+    The weights stay fp32 under autocast on a CPU (the optimiser's master copy). An explicit ``fp32``, ``bf16`` or
+    ``fp16`` must agree with a launcher that sets one: transformers would otherwise train in the launcher's precision
+    while the manifest recorded the recipe's.
 
     Args:
         requested: the recipe's ``precision``: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
@@ -99,7 +102,7 @@ def resolve_precision(requested: str) -> str:
             return from_launcher
         if torch.cuda.is_available():
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
+        return "bf16" if environment.cpu_has_bf16() else "fp32"
     if from_launcher is not None and from_launcher != requested:
         raise ConfigError(f"the recipe sets precision={requested!r} but accelerate launch sets mixed_precision="
                           f"{launcher!r}; set one of them: --set precision=auto follows the launcher, or launch with "

@@ -62,7 +62,8 @@ class PatchRecipe(StrictConfig):
     gradient_accumulation_steps: int = Field(1, ge=1, description="Gradient accumulation (Xue code: 1).")
     max_length: int = Field(1024, ge=8, description="Token budget; the prompt is cut from the left (ours: 1024).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on a bf16 GPU, fp32 on CPU (§3.1: bf16; CPUs here lack bf16).")
+        "auto", description="auto: bf16 on a bf16 GPU or a CPU with native bf16, else fp16 on a GPU, fp32 on a CPU "
+                        "(§3.1: bf16).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations (§3.1: on for full mode).")
     seed: int = Field(0, description="Seed of LoRA init, data order and dropout (ours: 0).")
     think: bool | None = Field(

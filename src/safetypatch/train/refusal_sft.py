@@ -132,7 +132,7 @@ def train_refusal_patch(
     exported = export_if_sharded(trainer, Path(output_dir) / "trained")
     tokens = float(trainer.accelerator.reduce(torch.tensor(float(trainer.tokens_seen), device=trainer.args.device),
                                               reduction="sum"))
-    trained = trainer.accelerator.unwrap_model(trainer.model).eval()
+    trained = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
     return TrainResult(
         model=trained, loss_history=tuple(trainer.recorder.history), steps=trainer.state.global_step,
         seconds=seconds, tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
@@ -351,8 +351,12 @@ def _trainer_class() -> type:
             weights = inputs.pop("loss_weight", None)
             labels = inputs.pop("labels")
             wrapped = self.is_fsdp_enabled or self.accelerator.unwrap_model(model) is not model
-            loss, count = completion_loss(model, inputs, labels, weights, num_items_in_batch, lead_tokens=self.lead[0],
-                                          lead_weight=self.lead[1], wrapped=wrapped)
+            # The fast path calls the backbone and the LM head itself, around the autocast that accelerate wraps
+            # the model's forward in: without this context bf16/fp16 would train in the weights' dtype (fp32 on a
+            # CPU) while the manifest said bf16.
+            with self.accelerator.autocast():
+                loss, count = completion_loss(model, inputs, labels, weights, num_items_in_batch,
+                                              lead_tokens=self.lead[0], lead_weight=self.lead[1], wrapped=wrapped)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 # As SFTTrainer.compute_loss: num_items_in_batch counts every process's tokens while DDP averages
                 # the gradients over the processes. The penalty below is the same on every process: not scaled.

@@ -59,12 +59,23 @@ def _resolve_head(own: Path, common: Path) -> str | None:
 
 
 def detect_device() -> str:
-    """``cuda (<name>)`` when a GPU is visible, else ``cpu (<n> threads)``."""
+    """``cuda (<name>)`` when a GPU is visible, else ``cpu (<n> threads)``, ``cpu (<n> threads, bf16)`` on a CPU that
+    multiplies bf16 in hardware (:func:`cpu_has_bf16`)."""
     import torch
 
     if torch.cuda.is_available():
         return f"cuda ({torch.cuda.get_device_name(0)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    return f"cpu ({torch.get_num_threads()} threads{', bf16' if cpu_has_bf16() else ''})"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), where bf16 autocast trains faster than
+    fp32: SmolLM2-135M's forward and backward pass took 1.6-2.0x less time on a 2-core AMD EPYC with AVX512-BF16.
+    Without it torch emulates bf16, which is slower than fp32."""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def environment(device: str | None = None) -> dict[str, Any]:
