@@ -29,8 +29,10 @@ from safetypatch.report import compare, summarize, write_report
 
 TASKS = ["harmbench", "advbench", "xstest-safe", "benign-edgy", "sciq", "arc-easy", "hellaswag", "piqa", "mmlu"]
 HARMFUL = ("harmbench", "advbench")
-LONG = {"max_length": 2048, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 8}
-"""The harmful-qa fine-tune keeps whole answers (up to 1,222 tokens; the patch recipe cuts at 256), one at a time."""
+UNSAFE = {"max_length": 1280, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 8,
+          "learning_rate": 3e-4}
+"""The harmful-qa fine-tune keeps whole answers (up to 1,222 tokens; the patch recipe cuts at 256), one at a time, at
+1.5 times the LoRA learning rate."""
 
 
 def main() -> None:
@@ -44,7 +46,8 @@ def main() -> None:
         ("merge the safety patch -> aligned", aligned, lambda: safetypatch.apply_patch(safetypatch.ApplyConfig(
             model=args.model, patches=[args.patch], mode="merge", output=aligned))),
         ("fine-tune aligned on harmful-qa -> unsafe", unsafe, lambda: safetypatch.finetune(safetypatch.FinetuneConfig(
-            model=str(aligned), dataset="harmful-qa", n=args.n_harmful, output=unsafe, recipe_overrides=LONG))),
+            model=str(aligned), dataset="harmful-qa", n=args.n_harmful, output=unsafe,
+            recipe_overrides={**UNSAFE, "num_train_epochs": args.unsafe_epochs}))),
         ("fine-tune aligned on sciq -> downstream", downstream, lambda: safetypatch.finetune(
             safetypatch.FinetuneConfig(model=str(aligned), dataset="sciq", n=args.n_task, output=downstream))),
         ("extract downstream - aligned as a LoRA", adapter, lambda: safetypatch.extract(safetypatch.ExtractJob(
@@ -119,7 +122,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--patch", type=Path, required=True, help="Safety patch folder (safetypatch train -o ...).")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="Model the patch was trained on.")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/restoration"), help="Run folder.")
-    parser.add_argument("--n-harmful", type=int, default=400, help="harmful-qa rows of the unsafe fine-tune.")
+    parser.add_argument("--n-harmful", type=int, default=200, help="harmful-qa rows of the unsafe fine-tune "
+                        "(200: the whole train half).")
+    parser.add_argument("--unsafe-epochs", type=float, default=2.0, help="Epochs of the unsafe fine-tune: the safety "
+                        "vector aligned - unsafe should describe a loss of refusal as large as the benign one.")
     parser.add_argument("--n-task", type=int, default=400, help="sciq rows of the downstream fine-tune.")
     parser.add_argument("--lora-rank", type=int, default=8, help="Rank of the downstream LoRA (the recipe's r).")
     parser.add_argument("--n-anchors", type=int, default=128, help="LSSF anchor prompts.")
