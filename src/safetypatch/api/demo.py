@@ -26,7 +26,7 @@ from safetypatch.utils.io import atomic_write_json
 
 T = TypeVar("T")
 STEPS = ("evaluate before", "train patch", "evaluate after", "report")
-STEP_MINUTES = {"evaluate before": 3, "train patch": 11, "evaluate after": 3, "report": 0}
+STEP_MINUTES = {"evaluate before": 3, "train patch": 10, "evaluate after": 3, "report": 0}
 """Minutes each step took on 2 CPU cores with the embedded model and the defaults (shown as the plan)."""
 
 
