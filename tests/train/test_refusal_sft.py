@@ -190,6 +190,61 @@ def test_lead_tokens_weigh_only_the_first_supervised_tokens_of_each_example():
     assert float(weighted) > float(plain) and torch.equal(off, plain)
 
 
+def test_retain_unlikelihood_adds_minus_log_one_minus_p_opening_at_flagged_first_positions():
+    model, tok = build_tiny_model("llama")
+    pairs = [SFTExample("a", "No, not that one.", "refusal"), SFTExample("b", "Sure, here it is.", "retain"),
+             SFTExample("c", "Here you go.", "retain")]
+    data, inputs, labels = padded_batch(tok, pairs)
+    openings = (data[0].first_completion_id, data[1].first_completion_id)  # "N", "S"
+    flags = torch.tensor([False, True, True])
+    with torch.no_grad():
+        logits = model(**inputs).logits[:, :-1].float()
+        plain, _ = completion_loss(model, dict(inputs), labels)
+        penalised, n = completion_loss(model, dict(inputs), labels, unlikely=flags, openings=openings,
+                                       unlikelihood_weight=2.0)
+        off, _ = completion_loss(model, dict(inputs), labels, unlikely=flags, openings=openings)
+    expected = 0.0
+    for row in (1, 2):
+        first = int((labels[row, 1:] != -100).nonzero()[0])
+        p_open = logits[row, first].softmax(-1)[list(openings)].sum()
+        expected += -2.0 * float(torch.log1p(-p_open))
+    assert float(penalised) == pytest.approx(float(plain) + expected / n, rel=1e-5)
+    assert torch.equal(off, plain)
+
+
+def test_retain_unlikelihood_lowers_the_refusal_opening_on_retain_prompts(tmp_path):
+    """Trained with the term, the tiny model gives the refusal openings less mass at the retain examples' first
+    completion position than trained without it, from the same seed, the more the heavier the term; the manifest
+    records the openings."""
+    pairs = [*build_refusal_examples([Example(prompt=p, category=c) for p, c in zip(PROMPTS, CATEGORIES,
+                                                                                    strict=True)]),
+             SFTExample("what is 2 + 2", "The answer is 4.", "retain"),
+             SFTExample("name a colour", "Blue is a colour.", "retain"),
+             SFTExample("kill a python process", "Use kill -9 with its pid.", "retain"),
+             SFTExample("say hello", "I'm glad to: hello!", "retain")]
+    mass = {}
+    for weight in (0.0, 5.0, 20.0):
+        model, tok = build_tiny_model("llama")
+        data = tokenize_examples(tok, pairs, max_length=256)
+        recipe = get_recipe("mou", mode="full", max_steps=30, learning_rate=3e-3, lr_scheduler_type="constant",
+                            weight_decay=0.0, precision="fp32", per_device_train_batch_size=8,
+                            retain_unlikelihood=weight)
+        result = train_refusal_patch(model, tok, data, recipe, tmp_path / str(weight))
+        openings = sorted({ex.first_completion_id for ex in data if ex.kind == "refusal"})
+        assert result.refusal_openings == (tuple(openings) if weight else ())
+        assert result.unlikelihood_examples == (3 if weight else 0)  # "I'm glad" opens like a refusal: skipped
+        assert result.to_dict()["refusal_openings"] == list(result.refusal_openings)
+        retain = [ex for ex in data if ex.kind == "retain"][:3]
+        total = 0.0
+        for ex in retain:
+            n_prompt = len(ex.input_ids) - sum(ex.completion_mask)
+            with torch.no_grad():
+                logits = result.model(input_ids=torch.tensor([ex.input_ids[:n_prompt]])).logits[0, -1]
+            total += float(logits.softmax(-1)[openings].sum())
+        mass[weight] = total / len(retain)
+    assert mass[20.0] < mass[5.0] < mass[0.0] and mass[20.0] < 0.5 * mass[0.0]
+
+
 def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
     """batch 4 × accumulation 1 and batch 2 × accumulation 2 make the same optimiser step (TRL invariant style)."""
     deltas = []

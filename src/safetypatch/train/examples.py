@@ -67,6 +67,11 @@ class TokenizedExample:
     prompt_tokens_dropped: int = 0
 
     @property
+    def first_completion_id(self) -> int:
+        """The id of the completion's first token (the refuse-or-answer decision)."""
+        return self.input_ids[len(self.input_ids) - sum(self.completion_mask)]
+
+    @property
     def labels(self) -> list[int]:
         """Token ids on completion positions, −100 on prompt positions (METHODS.md §3.1 step 3)."""
         return [tok if keep else IGNORE_INDEX for tok, keep in zip(self.input_ids, self.completion_mask, strict=True)]
@@ -235,6 +240,11 @@ def tokenize_examples(
                        dropped_total, len(out), max_length)
     check_supervision([ex.labels for ex in out], end_of_turn_ids(tokenizer))
     return out
+
+
+def refusal_openings(examples: Iterable[TokenizedExample]) -> tuple[int, ...]:
+    """The sorted ids that open the refusal examples' completions ("I", "Sorry" for the default refusal texts)."""
+    return tuple(sorted({ex.first_completion_id for ex in examples if ex.kind == "refusal"}))
 
 
 def check_supervision(labels: Sequence[Sequence[int]], eot_ids: Iterable[int]) -> float:

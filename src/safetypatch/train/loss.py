@@ -12,10 +12,13 @@ supervised tokens, scored in chunks without the full logits.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from safetypatch.errors import ConfigError
 
 IGNORE_INDEX = -100
 
@@ -79,6 +82,9 @@ def completion_loss(
     *,
     lead_tokens: int = 0,
     lead_weight: float = 1.0,
+    unlikely: torch.Tensor | None = None,
+    openings: Sequence[int] = (),
+    unlikelihood_weight: float = 0.0,
     wrapped: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Σ_t w_t · (−log p(y_t | y_<t)) / N over supervised positions t (METHODS.md §3.1 step 3).
@@ -94,6 +100,11 @@ def completion_loss(
         weights: per-example loss weights (batch,), or None for 1.
         lead_tokens: how many leading supervised tokens of each example get ``lead_weight`` (0: none).
         lead_weight: the extra factor of those tokens.
+        unlikely: per-example flags (batch,): at the first supervised position of a flagged example the loss adds
+            ``unlikelihood_weight`` · (−log(1 − Σ_{o ∈ openings} p(o))), which pushes the refusal openings down
+            there (benign retain prompts whose own answer opens otherwise).
+        openings: the token ids that open a refusal (:func:`safetypatch.train.examples.refusal_openings`).
+        unlikelihood_weight: the factor of that term (0: off).
         num_items: the normaliser N (the supervised-token count of the whole accumulated batch, as transformers'
             Trainer passes it), or None for this batch's count.
         wrapped: ``model`` is a distributed wrapper (DDP, FSDP, a DeepSpeed engine) around a model carrying TRL's
@@ -104,7 +115,11 @@ def completion_loss(
     """
     shifted = labels[:, 1:]
     mask = shifted != IGNORE_INDEX
+    penalise = unlikelihood_weight > 0 and unlikely is not None and len(openings) > 0
     if wrapped:
+        if penalise:
+            raise ConfigError("retain_unlikelihood needs the logits at the first completion positions, which the "
+                              "fused LM head of a distributed run does not return; train it in one process.")
         nll = -model(**inputs, labels=labels, fused_lm_head=True).log_probs[mask].float()
     else:
         logits = supervised_logits(model, inputs, mask)
@@ -114,6 +129,11 @@ def completion_loss(
     if lead_tokens > 0 and lead_weight != 1.0:
         lead = mask.cumsum(dim=1)[mask] <= lead_tokens
         nll = torch.where(lead, nll * lead_weight, nll)
+    if penalise:
+        first = (mask.cumsum(dim=1)[mask] == 1) & unlikely.to(torch.bool)[mask.nonzero()[:, 0]]
+        log_p = torch.log_softmax(logits[first].float(), dim=-1)
+        p_open = log_p[:, list(openings)].logsumexp(dim=-1).exp().clamp(max=1 - 1e-6)
+        nll = nll.index_add(0, first.nonzero()[:, 0], -unlikelihood_weight * torch.log1p(-p_open))
     count = int(mask.sum())
     denominator = torch.as_tensor(num_items if num_items is not None else count, device=nll.device).clamp(min=1)
     return nll.sum() / denominator, count

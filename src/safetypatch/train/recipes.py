@@ -74,6 +74,10 @@ class PatchRecipe(StrictConfig):
     lead_tokens: int = Field(0, ge=0, description="Leading completion tokens of every example that weigh lead_weight "
                                                   "times more: the refuse-or-answer decision (ours; 0 = off).")
     lead_weight: float = Field(1.0, gt=0, description="Loss factor of the lead_tokens leading tokens (ours).")
+    retain_unlikelihood: float = Field(
+        0.0, ge=0, description="Weight of −log(1 − p(refusal opening)) at the first completion position of every "
+                               "retain example: the first tokens of the training refusals are pushed down on benign "
+                               "look-alikes (ours; 0 = off).")
     regularizer: RegularizerConfig | None = Field(None, description="Xue's overlap regulariser (§3.2), or none.")
 
     @model_validator(mode="after")

@@ -26,7 +26,7 @@ import torch
 
 from safetypatch.errors import ConfigError, DataError
 from safetypatch.train.distributed import Launch, export_if_sharded, launch_of, resolve_precision
-from safetypatch.train.examples import TokenizedExample, check_supervision, end_of_turn_ids
+from safetypatch.train.examples import TokenizedExample, check_supervision, end_of_turn_ids, refusal_openings
 from safetypatch.train.loss import completion_loss
 from safetypatch.train.recipes import PatchRecipe
 from safetypatch.train.regularizer import OverlapRegularizer
@@ -65,6 +65,8 @@ class TrainResult:
         supervised_fraction: share of tokens that carry a label (§3.1 step 4).
         regularizer: final R per penalised module (empty without the regulariser).
         launch: how the run was distributed and its precision.
+        refusal_openings: the token ids the retain unlikelihood term pushes down (empty when it is off).
+        unlikelihood_examples: retain examples that term applies to (those whose own answer opens otherwise).
         exported: on the main process of an FSDP or DeepSpeed run, the folder Trainer gathered the trained weights
             into (a PEFT adapter folder in LoRA mode, a model folder in full mode); None otherwise.
     """
@@ -77,6 +79,8 @@ class TrainResult:
     supervised_fraction: float
     regularizer: dict[str, float] = field(default_factory=dict)
     launch: Launch = field(default_factory=lambda: Launch("NO", 1, "fp32"))
+    refusal_openings: tuple[int, ...] = ()
+    unlikelihood_examples: int = 0
     exported: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,6 +89,7 @@ class TrainResult:
         out["loss_history"] = [list(pair) for pair in self.loss_history]
         out["regularizer"] = dict(self.regularizer)
         out["launch"] = self.launch.to_dict()
+        out["refusal_openings"] = list(self.refusal_openings)
         return out
 
 
@@ -136,7 +141,9 @@ def train_refusal_patch(
     return TrainResult(
         model=trained, loss_history=tuple(trainer.recorder.history), steps=trainer.state.global_step,
         seconds=seconds, tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
-        supervised_fraction=fraction, regularizer=final_r, launch=launch_of(trainer), exported=exported,
+        supervised_fraction=fraction, regularizer=final_r, launch=launch_of(trainer),
+        refusal_openings=trainer.openings, unlikelihood_examples=int(sum(trainer.train_dataset["unlikely"])),
+        exported=exported,
     )
 
 
@@ -166,10 +173,13 @@ def make_trainer(
 
     set_seed(recipe.seed)
     model = _prepare_model(model, recipe)
+    openings = refusal_openings(train_examples) if recipe.retain_unlikelihood > 0 else ()
     dataset = Dataset.from_dict({
         "input_ids": [list(ex.input_ids) for ex in train_examples],
         "completion_mask": [list(ex.completion_mask) for ex in train_examples],
         "loss_weight": [ex.weight for ex in train_examples],
+        "unlikely": [bool(openings) and ex.kind == "retain" and ex.first_completion_id not in openings
+                     for ex in train_examples],
     })
     regularizer = None
     if recipe.regularizer is not None:
@@ -180,11 +190,19 @@ def make_trainer(
             model=model, args=_sft_config(recipe, output_dir), train_dataset=dataset, processing_class=tokenizer,
             data_collator=_WeightedCollator(_pad_id(tokenizer)), callbacks=[recorder, *(callbacks or [])],
             regularizer=regularizer, lead=(recipe.lead_tokens, recipe.lead_weight),
+            unlikelihood=(openings, recipe.retain_unlikelihood),
         )
     if regularizer is not None and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
         raise ConfigError("the overlap regulariser reads the LoRA factors and W_0 directly, which FSDP and DeepSpeed "
                           "shard or recast; train a regularised recipe in one process or with DDP (accelerate "
                           "preset multi_gpu).")
+    if openings and trainer.args.world_size > 1:
+        raise ConfigError("retain_unlikelihood reads the logits at the first completion positions, which a "
+                          "distributed run's fused LM head does not return; train it in one process or set "
+                          "retain_unlikelihood=0.")
+    if openings and not any(dataset["unlikely"]):
+        logger.warning("retain_unlikelihood=%g has no effect: every retain answer opens with a refusal opening %s",
+                       recipe.retain_unlikelihood, list(openings))
     trainer.remove_callback(PrinterCallback)  # library code reports through `progress`, never stdout
     trainer.recorder = recorder
     return trainer
@@ -259,6 +277,7 @@ class _WeightedCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.base([{k: ex[k] for k in ("input_ids", "labels")} for ex in examples])
         batch["loss_weight"] = torch.tensor([float(ex["loss_weight"]) for ex in examples])
+        batch["unlikely"] = torch.tensor([bool(ex["unlikely"]) for ex in examples])
         return batch
 
 
@@ -318,13 +337,16 @@ def _trainer_class() -> type:
     from trl import SFTTrainer
 
     class RefusalSFTTrainer(SFTTrainer):
-        """SFTTrainer whose loss applies the LM head at supervised positions only, plus β Σ R."""
+        """SFTTrainer whose loss applies the LM head at supervised positions only, plus β Σ R and the retain
+        unlikelihood term."""
 
         def __init__(self, *args: Any, regularizer: OverlapRegularizer | None = None,
-                     lead: tuple[int, float] = (0, 1.0), **kwargs: Any) -> None:
+                     lead: tuple[int, float] = (0, 1.0),
+                     unlikelihood: tuple[tuple[int, ...], float] = ((), 0.0), **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.regularizer = regularizer
             self.lead = lead
+            self.openings, self.unlikelihood_weight = unlikelihood
             self.tokens_seen = 0
             # Ask Trainer for the supervised-token count of the whole accumulated batch, so the CE is normalised
             # once per optimiser step whatever the accumulation (the loss below divides by it).
@@ -332,7 +354,7 @@ def _trainer_class() -> type:
 
         def _set_signature_columns_if_needed(self) -> None:
             if self._signature_columns is None:
-                self._signature_columns = ["input_ids", "labels", "loss_weight"]
+                self._signature_columns = ["input_ids", "labels", "loss_weight", "unlikely"]
 
         def _get_train_sampler(self, train_dataset=None):
             # Trainer groups lengths per process and shuffles with the global RNG, for which accelerate substitutes
@@ -349,6 +371,7 @@ def _trainer_class() -> type:
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             weights = inputs.pop("loss_weight", None)
+            unlikely = inputs.pop("unlikely", None)
             labels = inputs.pop("labels")
             wrapped = self.is_fsdp_enabled or self.accelerator.unwrap_model(model) is not model
             # The fast path calls the backbone and the LM head itself, around the autocast that accelerate wraps
@@ -356,7 +379,9 @@ def _trainer_class() -> type:
             # CPU) while the manifest said bf16.
             with self.accelerator.autocast():
                 loss, count = completion_loss(model, inputs, labels, weights, num_items_in_batch,
-                                              lead_tokens=self.lead[0], lead_weight=self.lead[1], wrapped=wrapped)
+                                              lead_tokens=self.lead[0], lead_weight=self.lead[1], unlikely=unlikely,
+                                              openings=self.openings, unlikelihood_weight=self.unlikelihood_weight,
+                                              wrapped=wrapped)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 # As SFTTrainer.compute_loss: num_items_in_batch counts every process's tokens while DDP averages
                 # the gradients over the processes. The penalty below is the same on every process: not scaled.
