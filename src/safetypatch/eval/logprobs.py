@@ -9,6 +9,7 @@ chunked loss does (STYLE.md §1). Multiple-choice scoring and benign drift share
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,18 +75,30 @@ def decoder_forward(
         attention_mask: ``[batch, past + seq]`` 0/1 padding mask.
         position_ids: ``[batch, seq]`` positions; required with left padding (the decoder's default is 0..seq-1).
         past_key_values: a cache from an earlier call on the same rows, or ``None``.
-        use_cache: return the updated cache in ``.past_key_values``.
+        use_cache: return the updated cache (read it with :func:`output_cache`).
 
     Returns:
         The decoder output; ``.last_hidden_state`` is ``[batch, seq, hidden]``.
     """
-    return lm.base_model(
+    decoder = lm.base_model
+    return decoder(
         input_ids=input_ids.to(lm.device),
         attention_mask=attention_mask.to(lm.device),
         position_ids=None if position_ids is None else position_ids.to(lm.device),
-        past_key_values=past_key_values,
         use_cache=use_cache,
+        **{_cache_argument(decoder): past_key_values},
     )
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a decoder call returned (``.cache`` since transformers 5.24, ``.past_key_values`` before)."""
+    return output.cache if "cache" in output else output.past_key_values
+
+
+def _cache_argument(decoder: Any) -> str:
+    """The decoder's KV-cache keyword: ``cache`` since transformers 5.24 (``past_key_values`` is deprecated there
+    and removed in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 def head_log_softmax(lm: Any, hidden: torch.Tensor) -> torch.Tensor:

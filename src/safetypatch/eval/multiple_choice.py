@@ -20,7 +20,15 @@ import torch
 
 from safetypatch.data.schema import Example
 from safetypatch.errors import DataError
-from safetypatch.eval.logprobs import causal_lm, decoder_forward, eval_mode, head_log_softmax, pad_left, pad_right
+from safetypatch.eval.logprobs import (
+    causal_lm,
+    decoder_forward,
+    eval_mode,
+    head_log_softmax,
+    output_cache,
+    pad_left,
+    pad_right,
+)
 from safetypatch.registry import Registry
 
 TARGET_DELIMITER = " "
@@ -233,7 +241,7 @@ def _score_batch(lm: Any, items: list[_Encoded], pad_id: int) -> list[list[float
     conts = [cont for item in items for cont in item.continuations]
     lls = [float(first[owner[c], cont[0]]) for c, cont in enumerate(conts)]
     if max(len(cont) for cont in conts) > 1:
-        cache = out.past_key_values
+        cache = output_cache(out)
         cache.batch_select_indices(owner)
         ids, mask = pad_right([cont[:-1] for cont in conts], pad_id)
         pos = ctx_pos[owner, -1:] + 1 + torch.arange(ids.shape[1])
