@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -55,6 +56,9 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
     # The CLI draws its own progress bars; the per-file bars of transformers and the Hub would interleave with them.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # PEFT reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: nothing a user can act
+    # on, printed in the middle of the progress display.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     # Under accelerate launch (or torchrun) every process runs the CLI; only the first one talks.
     console.quiet = out.quiet = os.environ.get("RANK", "0") != "0"
     logging.basicConfig(
