@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 FINETUNE_FILE = "finetune.json"
 # PatchRecipe fields that only shape refusal-SFT data; fine-tuning trains on the dataset's own responses.
-_REFUSAL_ONLY = ("think", "refusal_seed", "retain_count", "retain_weight", "lead_tokens", "lead_weight")
+_REFUSAL_ONLY = ("think", "refusal_seed", "retain_count", "retain_weight", "lead_tokens", "lead_weight",
+                 "retain_unlikelihood")
 
 
 class FinetuneManifest(StrictConfig):
@@ -75,8 +76,9 @@ def finetune_recipe(name: str, mode: Literal["lora", "full"], overrides: Mapping
 
     Raises:
         ConfigError: an invalid recipe, ``overrides`` naming another mode, or an override of a refusal-only field
-            (``think``, ``refusal_seed``, ``retain_count``, ``retain_weight``, ``lead_tokens``, ``lead_weight``); a
-            preset's values for those are reset to the defaults, as a fine-tune has no refusal data.
+            (``think``, ``refusal_seed``, ``retain_count``, ``retain_weight``, ``lead_tokens``, ``lead_weight``,
+            ``retain_unlikelihood``); a preset's values for those are reset to the defaults, as a fine-tune has no
+            refusal data.
     """
     if "mode" in overrides and overrides["mode"] != mode:
         raise ConfigError(f"recipe_overrides sets mode={overrides['mode']!r} but the fine-tune mode is {mode!r}; "
