@@ -16,14 +16,16 @@ from safetypatch.errors import ConfigError
 from safetypatch.models.loading import load_model
 from tests.train.conftest import single_cpu_thread  # noqa: F401  (autouse)
 
-FAST = "max_steps=2,per_device_train_batch_size=4,retain_count=3,max_length=256,learning_rate=1e-3"
+FAST_STEPS, FAST_DATA = "max_steps=2,per_device_train_batch_size=4", "retain_count=3,max_length=256,learning_rate=1e-3"
+FAST = f"{FAST_STEPS},{FAST_DATA}"
 
 
 def test_cli_train_full_writes_a_loadable_model_folder_that_evaluates(tmp_path, tiny_model_dirs):
     out = tmp_path / "full"
     run = CliRunner().invoke(app, [
         "train", "--full", "--model", str(tiny_model_dirs["llama"]), "--harmful", "harmbench,advbench",
-        "--n-harmful", "3", "--set", FAST, "--retain-max-new-tokens", "6", "--output", str(out)])
+        "--n-harmful", "3", "--set", FAST_STEPS, "--set", FAST_DATA, "--retain-max-new-tokens", "6",
+        "--output", str(out)])
     assert run.exit_code == 0, run.output
     assert not (out / "adapter_config.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["full"]
     base, trained = load_model(str(tiny_model_dirs["llama"])), load_model(str(out))
@@ -35,6 +37,8 @@ def test_cli_train_full_writes_a_loadable_model_folder_that_evaluates(tmp_path, 
 
     manifest = json.loads((out / "safety_patch.json").read_text())
     assert manifest["method"] == "refusal_sft" and manifest["recipe"]["mode"] == "full"
+    recipe = manifest["recipe"]  # both --set flags apply
+    assert (recipe["max_steps"], recipe["retain_count"], recipe["learning_rate"]) == (2, 3, 1e-3)
     assert manifest["recipe"]["gradient_checkpointing"] is False and "adapter" not in manifest
     assert manifest["base_model"]["fingerprint"] == base.fingerprint.sha256 != trained.fingerprint.sha256
     assert manifest["base_model"]["arch"]["model_type"] == "llama"
@@ -63,3 +67,9 @@ def test_full_sets_the_recipe_mode_and_refuses_a_lora_override(tmp_path, tiny_mo
     output = " ".join(run.output.split())  # rich wraps long lines
     assert run.exit_code == 2 and "full is true (CLI --full) but recipe_overrides sets mode='lora'" in output
     assert "Traceback" not in output and not (tmp_path / "never").exists()
+
+
+def test_a_field_set_twice_to_two_values_is_refused(tiny_model_dirs, tmp_path):
+    run = CliRunner().invoke(app, ["train", "--model", str(tiny_model_dirs["llama"]), "--set", "r=4",
+                                   "--set", "learning_rate=1e-3,r=2", "--output", str(tmp_path / "p")])
+    assert run.exit_code == 2 and "r is set twice" in run.output and not (tmp_path / "p").exists()

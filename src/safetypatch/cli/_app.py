@@ -107,15 +107,21 @@ def paths(values: list[str] | None) -> list[Path] | None:
     return [Path(part) for value in values or [] for part in split(value) or []] or None
 
 
-def pairs(text: str | None) -> dict[str, str] | None:
-    """``a=1,b=2`` → ``{"a": "1", "b": "2"}`` (pydantic converts the values); None when not given."""
-    if not text:
+def pairs(values: list[str] | None) -> dict[str, str] | None:
+    """``["a=1,b=2", "c=3"]`` (a repeated option, each comma-separated) → ``{"a": "1", "b": "2", "c": "3"}``
+    (pydantic converts the values); None when not given. A name given twice with two values is an error."""
+    found = [part.split("=", 1) for text in values or [] for part in split(text) or []]
+    if not found:
         return None
-    found = [part.split("=", 1) for part in split(text) or []]
     bad = [part for part in found if len(part) != 2]
     if bad:
         raise typer.BadParameter(f"expected name=value pairs, got {'='.join(bad[0])!r}")
-    return {key.strip(): value.strip() for key, value in found}
+    out: dict[str, str] = {}
+    for key, value in ((k.strip(), v.strip()) for k, v in found):
+        if out.get(key, value) != value:
+            raise typer.BadParameter(f"{key} is set twice, to {out[key]!r} and {value!r}; give it once.")
+        out[key] = value
+    return out
 
 
 def split(text: str | None) -> list[str] | None:

@@ -25,7 +25,8 @@ def eval_(
     preset: Annotated[str | None, typer.Option(help="quick (CPU minutes) or full.")] = None,
     tasks: Annotated[str | None, typer.Option(help="Comma-separated tasks instead of the preset's.")] = None,
     limit: Annotated[int | None, typer.Option(help="Most rows per task (seeded sample).")] = None,
-    limits: Annotated[str | None, typer.Option(help="Per-task rows, e.g. harmbench=100,arc-easy=200.")] = None,
+    limits: Annotated[list[str] | None, typer.Option(
+        help="Per-task rows, e.g. harmbench=100,arc-easy=200; repeatable.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Generation length of safety tasks.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Generation batch / MC items per forward.")] = None,
     judges: Annotated[str | None, typer.Option(help="Comma-separated judges (keyword, embedding, ...).")] = None,

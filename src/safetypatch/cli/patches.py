@@ -28,7 +28,8 @@ def demo(
     config: ConfigOpt = None,
     model: Annotated[str | None, typer.Option(help="Model to patch: catalog name, folder, .gguf or Hub id.")] = None,
     recipe: Annotated[str | None, typer.Option(help="Patch recipe: mou, xue, or a Xue mode string.")] = None,
-    set_: Annotated[str | None, typer.Option("--set", help="Recipe fields, e.g. learning_rate=1e-4,r=4.")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Recipe fields, e.g. learning_rate=1e-4,r=4; repeatable.")] = None,
     n_harmful: Annotated[int | None, typer.Option(help="Most harmful training prompts per set.")] = None,
     preset: Annotated[str | None, typer.Option(help="Evaluation budget before and after: demo, quick, full.")] = None,
     limit: Annotated[int | None, typer.Option(help="Most rows per evaluation task.")] = None,
@@ -74,13 +75,14 @@ def train(
     model: Annotated[str | None, typer.Option(help="Patch base: catalog name, folder, .gguf or Hub id.")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision (Hub ids only).")] = None,
     recipe: Annotated[str | None, typer.Option(help="mou, xue, or a Xue mode string.")] = None,
-    set_: Annotated[str | None, typer.Option("--set", help="Recipe fields, e.g. learning_rate=1e-4,r=4.")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Recipe fields, e.g. learning_rate=1e-4,r=4; repeatable.")] = None,
     full: Annotated[bool | None, typer.Option("--full", help="Full-parameter Refusal-SFT (Mou et al.'s baseline): "
                                                              "a complete model folder.")] = None,
     harmful: Annotated[str | None, typer.Option(help="Comma-separated harmful sets (train halves).")] = None,
     n_harmful: Annotated[int | None, typer.Option(help="Most harmful prompts per set.")] = None,
-    n_per_set: Annotated[str | None, typer.Option(help="Per-set counts that replace --n-harmful, e.g. "
-                                                       "harmbench=150.")] = None,
+    n_per_set: Annotated[list[str] | None, typer.Option(help="Per-set counts that replace --n-harmful, e.g. "
+                                                             "harmbench=150; repeatable.")] = None,
     retain: Annotated[str | None, typer.Option(help="Comma-separated benign retain sets.")] = None,
     retain_max_new_tokens: Annotated[int | None, typer.Option(help="Length of retain answers.")] = None,
     retain_keep_refusals: Annotated[bool | None, typer.Option(
@@ -119,7 +121,8 @@ def finetune(
     dataset: Annotated[str | None, typer.Option(help="Set with responses (arith, chat, harmful-qa) or file.")] = None,
     n: Annotated[int | None, typer.Option(help="Most rows of the set's train half.")] = None,
     recipe: Annotated[str | None, typer.Option(help="Hyper-parameters: mou, xue, or a Xue mode string.")] = None,
-    set_: Annotated[str | None, typer.Option("--set", help="Recipe fields, e.g. learning_rate=1e-4,r=4.")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Recipe fields, e.g. learning_rate=1e-4,r=4; repeatable.")] = None,
     mode: Annotated[str | None, typer.Option(help="lora (merged into the weights) or full.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Model folder.")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16.")] = None,
