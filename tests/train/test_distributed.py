@@ -242,8 +242,10 @@ def test_a_full_model_gathered_from_a_sharded_run_is_reloaded_and_saved(tmp_path
               SimpleNamespace(exported=tmp_path / "trained", model=trained), PatchManifest(method="refusal_sft"))
 
 
-def test_the_loss_through_a_distributed_wrapper_equals_the_direct_supervised_loss():
-    """Under DDP / FSDP / DeepSpeed the loss reads TRL's fused LM head through the wrapper's forward."""
+@pytest.mark.parametrize("unlikelihood", [0.0, 10.0])
+def test_the_loss_through_a_distributed_wrapper_equals_the_direct_supervised_loss(unlikelihood):
+    """Under DDP / FSDP / DeepSpeed the loss reads TRL's fused LM head through the wrapper's forward (the full logits
+    when the retain unlikelihood term is on)."""
     model, tok = build_tiny_model("gemma3")  # tied embeddings; soft-capping below
     model.config.final_logit_softcapping = 3.0
     add_fused_lm_head(model)
@@ -257,12 +259,16 @@ def test_the_loss_through_a_distributed_wrapper_equals_the_direct_supervised_los
     results = []
     for wrapped in (False, True):
         model.zero_grad()
-        loss, count = completion_loss(model, dict(inputs), labels, weights, 40, wrapped=wrapped)
+        loss, count = completion_loss(model, dict(inputs), labels, weights, 40, wrapped=wrapped,
+                                      unlikely=torch.tensor([False, True, True]), openings=(5, 9),
+                                      unlikelihood_weight=unlikelihood)
         loss.backward()
         results.append((loss.detach(), count, model.model.layers[0].mlp.up_proj.weight.grad.clone()))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
     assert results[1][1] == results[0][1]
     torch.testing.assert_close(results[1][2], results[0][2], rtol=1e-4, atol=1e-7)
+    plain = completion_loss(model, dict(inputs), labels, weights, 40)[0].detach()
+    assert (float(results[0][0]) > float(plain) + 1e-4) == (unlikelihood > 0)  # the term is in both paths
 
 
 def test_batches_are_grouped_over_the_global_batch_with_a_seeded_order(tmp_path):

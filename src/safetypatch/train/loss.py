@@ -7,7 +7,8 @@ the LM head, the final-logit soft-capping (Gemma 2/3) and the loss run only wher
 A model inside a distributed wrapper (DDP, FSDP, a DeepSpeed engine) must be called through the wrapper, which
 gathers shards and synchronises gradients in its forward. There the loss reads the per-token log-probabilities of
 TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``, which ``SFTTrainer`` installs on the model): the same
-supervised tokens, scored in chunks without the full logits.
+supervised tokens, scored in chunks without the full logits. The retain unlikelihood term needs whole distributions
+at the first completion positions; with it on, the wrapper's forward returns the full logits instead.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from safetypatch.errors import ConfigError
 
 IGNORE_INDEX = -100
 
@@ -108,7 +107,8 @@ def completion_loss(
         num_items: the normaliser N (the supervised-token count of the whole accumulated batch, as transformers'
             Trainer passes it), or None for this batch's count.
         wrapped: ``model`` is a distributed wrapper (DDP, FSDP, a DeepSpeed engine) around a model carrying TRL's
-            fused LM head; it is called through its own forward and the fused head scores the supervised tokens.
+            fused LM head; it is called through its own forward and the fused head scores the supervised tokens
+            (with the unlikelihood term on, the forward returns the whole logits instead).
 
     Returns:
         (loss, number of supervised tokens in this batch).
@@ -116,13 +116,13 @@ def completion_loss(
     shifted = labels[:, 1:]
     mask = shifted != IGNORE_INDEX
     penalise = unlikelihood_weight > 0 and unlikely is not None and len(openings) > 0
-    if wrapped:
-        if penalise:
-            raise ConfigError("retain_unlikelihood needs the logits at the first completion positions, which the "
-                              "fused LM head of a distributed run does not return; train it in one process.")
+    if wrapped and not penalise:
         nll = -model(**inputs, labels=labels, fused_lm_head=True).log_probs[mask].float()
     else:
-        logits = supervised_logits(model, inputs, mask)
+        # The unlikelihood term needs whole distributions, which the fused head does not return: a wrapper's own
+        # forward then gives the full logits.
+        logits = (model(**inputs, use_cache=False).logits[:, :-1][mask] if wrapped
+                  else supervised_logits(model, inputs, mask))
         nll = F.cross_entropy(logits.float(), shifted[mask], reduction="none")
     if weights is not None:
         nll = nll * weights.to(nll.dtype)[:, None].expand_as(shifted)[mask]

@@ -196,10 +196,6 @@ def make_trainer(
         raise ConfigError("the overlap regulariser reads the LoRA factors and W_0 directly, which FSDP and DeepSpeed "
                           "shard or recast; train a regularised recipe in one process or with DDP (accelerate "
                           "preset multi_gpu).")
-    if openings and trainer.args.world_size > 1:
-        raise ConfigError("retain_unlikelihood reads the logits at the first completion positions, which a "
-                          "distributed run's fused LM head does not return; train it in one process or set "
-                          "retain_unlikelihood=0.")
     if openings and not any(dataset["unlikely"]):
         logger.warning("retain_unlikelihood=%g has no effect: every retain answer opens with a refusal opening %s",
                        recipe.retain_unlikelihood, list(openings))
