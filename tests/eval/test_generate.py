@@ -106,7 +106,7 @@ def test_protocol_validation_and_record():
     p = protocol()
     assert p.to_dict() == {
         "max_new_tokens": 10, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-        "system_prompt": None, "template": "chat", "batch_size": 16, "seed": 0, "dtype": "float32",
+        "system_prompt": None, "template": "chat", "batch_size": 64, "seed": 0, "dtype": "float32",
     }
     with pytest.raises(ConfigError, match="temperature"):
         protocol(temperature=0.7)

@@ -141,7 +141,7 @@ def _claim(out: Path, cfg: DemoConfig) -> None:
 def _evaluate(cfg: DemoConfig, folder: Path, patch: Path | None, progress: Progress | None) -> Path:
     """Run the preset on the model, with the patch attached when given (the unpatched run skips drift)."""
     result = evaluate(EvalConfig(model=cfg.model, adapter=patch, preset=cfg.preset, limit=cfg.limit,
-                                 batch_size=16, output_dir=folder, overwrite=True), progress)
+                                 output_dir=folder, overwrite=True), progress)
     for stale in folder.rglob("results_*.json"):  # keep one results file per side, so a resume finds this one
         if stale != result.path:
             stale.unlink()

@@ -35,7 +35,10 @@ class EvalConfig(StrictConfig):
     limit: int | None = Field(None, gt=0, description="Most rows per task (seeded sample), for every task.")
     limits: dict[str, int] = Field(default_factory=dict, description="Most rows per named task; wins over limit.")
     max_new_tokens: int | None = Field(None, gt=0, description="Generation length of safety tasks.")
-    batch_size: int = Field(8, gt=0, description="Prompts per generation batch and items per MC forward.")
+    batch_size: int = Field(64, gt=0, description="Prompts per generation batch (64: twice as fast as 8 on 2 CPU "
+                                                  "cores, the same greedy fp32 answers).")
+    mc_batch_size: int = Field(8, gt=0, description="Items per multiple-choice forward (8: faster than 32 on 2 CPU "
+                                                    "cores).")
     judges: list[str] | None = Field(None, description="Judges of safety tasks (first = headline).")
     system_prompt: str | None = Field(None, description="System turn sent with every prompt (recorded).")
     dtype: str = Field("auto", description="Weights dtype: auto, float32, bfloat16 or float16.")
@@ -100,7 +103,7 @@ def evaluate(config: EvalConfig | None = None, progress: Progress | None = None)
                                   batch_size=cfg.batch_size, system_prompt=cfg.system_prompt, seed=cfg.seed,
                                   dtype=loaded.dtype)
     plan = EvalPlan(tasks, {**limits, **cfg.limits}, protocol,
-                    tuple(build_judge(name) for name in (cfg.judges or preset.judges)), cfg.seed, cfg.batch_size)
+                    tuple(build_judge(name) for name in (cfg.judges or preset.judges)), cfg.seed, cfg.mc_batch_size)
     builder = ResultsBuilder(cfg.model, revision=loaded.resolved.revision, fingerprint=loaded.fingerprint.sha256,
                              seed=cfg.seed, generation_kwargs=protocol.to_dict(),
                              adapter=applied.summary() if applied else None,

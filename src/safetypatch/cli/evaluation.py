@@ -28,7 +28,8 @@ def eval_(
     limits: Annotated[list[str] | None, typer.Option(
         help="Per-task rows, e.g. harmbench=100,arc-easy=200; repeatable.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Generation length of safety tasks.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Generation batch / MC items per forward.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Prompts per generation batch.")] = None,
+    mc_batch_size: Annotated[int | None, typer.Option(help="Multiple-choice items per forward.")] = None,
     judges: Annotated[str | None, typer.Option(help="Comma-separated judges (keyword, embedding, ...).")] = None,
     system_prompt: Annotated[str | None, typer.Option(help="System turn sent with every prompt.")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16.")] = None,
@@ -45,7 +46,7 @@ def eval_(
         model=model, revision=revision, adapter=paths(adapter), merge_adapter=merge_adapter, merge_scale=merge_scale,
         reference_model=reference_model,
         preset=preset, tasks=split(tasks), limit=limit, limits=pairs(limits), max_new_tokens=max_new_tokens,
-        batch_size=batch_size, judges=split(judges),
+        batch_size=batch_size, mc_batch_size=mc_batch_size, judges=split(judges),
         system_prompt=system_prompt, dtype=dtype, backend=backend, seed=seed, output_dir=output_dir,
         overwrite=overwrite))
     console.print(f"[bold]safetypatch eval[/] {cfg.model}, preset {cfg.preset}")
