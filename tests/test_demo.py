@@ -47,3 +47,15 @@ def test_cli_demo_prints_plan_summary_and_answers(tmp_path, tiny_model_dirs):
     run = CliRunner().invoke(app, args)
     assert run.exit_code == 0, run.output
     assert "4 steps" in run.output and "after (patched):" in run.output and "report.html" in run.output
+
+
+def test_the_demo_budget_shrinks_the_patch_and_explicit_settings_win(tmp_path):
+    from safetypatch.api.demo import DEMO_BUDGET, DEMO_N_HARMFUL, demo_train_config
+
+    small = demo_train_config(api.DemoConfig(), tmp_path / "p")
+    assert (small.n_harmful, small.recipe_overrides) == (DEMO_N_HARMFUL, DEMO_BUDGET) == (40, {
+        "learning_rate": 4e-4, "retain_count": 160})
+    mine = demo_train_config(api.DemoConfig(n_harmful=7, recipe_overrides={"learning_rate": 1e-4}), tmp_path / "p")
+    assert (mine.n_harmful, mine.recipe_overrides) == (7, {"learning_rate": 1e-4, "retain_count": 160})
+    full = demo_train_config(api.DemoConfig(budget="full"), tmp_path / "p")
+    assert (full.n_harmful, full.recipe_overrides) == (api.TrainConfig().n_harmful, {})

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field
 
@@ -28,6 +28,11 @@ T = TypeVar("T")
 STEPS = ("evaluate before", "train patch", "evaluate after", "report")
 STEP_MINUTES = {"evaluate before": 3, "train patch": 10, "evaluate after": 3, "report": 0}
 """Minutes each step took on 2 CPU cores with the embedded model and the defaults (shown as the plan)."""
+DEMO_N_HARMFUL = 40
+DEMO_BUDGET: dict[str, Any] = {"learning_rate": 4e-4, "retain_count": 160}
+"""The demo's patch under ``budget="demo"``: the default recipe on 40 prompts per harmful set and 160 retain prompts
+at twice the learning rate, so the whole demo ends in under 20 minutes on 2 CPU cores without bf16
+(docs/performance.md); ``safetypatch train`` trains the full default recipe."""
 
 
 class DemoConfig(StrictConfig):
@@ -36,7 +41,11 @@ class DemoConfig(StrictConfig):
     model: str = Field(DEFAULT_MODEL, description="Model to patch: catalog name, local folder, .gguf or Hub id.")
     recipe: str = Field("mou", description="Recipe preset of the patch (mou, xue) or a Xue mode string.")
     recipe_overrides: dict[str, Any] = Field(default_factory=dict, description="PatchRecipe fields that win.")
-    n_harmful: int | None = Field(None, gt=0, description="Most harmful training prompts per set (train's default).")
+    budget: Literal["demo", "full"] = Field(
+        "demo", description="demo: a smaller patch (40 prompts per harmful set, 160 retain prompts, lr 4e-4) so the "
+                            "run ends in under 20 minutes on 2 CPU cores; full: safetypatch train's defaults.")
+    n_harmful: int | None = Field(None, gt=0, description="Most harmful training prompts per set (budget demo: 40; "
+                                                          "full: train's default).")
     preset: str = Field("demo", description="Evaluation budget preset run before and after (demo, quick, full).")
     limit: int | None = Field(None, gt=0, description="Most rows per evaluation task, instead of the preset's.")
     output_dir: Path = Field(Path("runs/demo"), description="Folder of the run: before/, patch/, after/, report.html.")
@@ -110,9 +119,7 @@ def demo(config: DemoConfig | None = None, progress: Progress | None = None,
 
     patch = out / "patch"
     before = step(0, lambda: _evaluate(cfg, out / "before", None, progress), lambda: _results(out / "before"))
-    sizes = {"n_harmful": cfg.n_harmful} if cfg.n_harmful else {}
-    train = TrainConfig(model=cfg.model, recipe=cfg.recipe, recipe_overrides=cfg.recipe_overrides, output=patch,
-                        overwrite=True, **sizes)
+    train = demo_train_config(cfg, patch)
     step(1, lambda: train_patch(train, progress), lambda: patch if (patch / "safety_patch.json").is_file() else None)
     after = step(2, lambda: _evaluate(cfg, out / "after", patch, progress), lambda: _results(out / "after"))
     report = out / "report.html"
@@ -122,6 +129,16 @@ def demo(config: DemoConfig | None = None, progress: Progress | None = None,
     summary = summarize(compare(_read(before, after), labels))
     return DemoResult(before, after, patch, report, tuple(run.sentence() for run in summary.runs),
                       _answers(before, after, cfg.n_show), seconds)
+
+
+def demo_train_config(cfg: DemoConfig, patch: Path) -> TrainConfig:
+    """The ``safetypatch train`` settings of the demo's patch: ``cfg.budget``'s sizes, then ``cfg``'s own fields."""
+    demo_budget = cfg.budget == "demo"
+    n_harmful = cfg.n_harmful or (DEMO_N_HARMFUL if demo_budget else None)
+    sizes = {"n_harmful": n_harmful} if n_harmful else {}
+    overrides = {**(DEMO_BUDGET if demo_budget else {}), **cfg.recipe_overrides}
+    return TrainConfig(model=cfg.model, recipe=cfg.recipe, recipe_overrides=overrides, output=patch, overwrite=True,
+                       **sizes)
 
 
 def _claim(out: Path, cfg: DemoConfig) -> None:

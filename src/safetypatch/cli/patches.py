@@ -30,6 +30,8 @@ def demo(
     recipe: Annotated[str | None, typer.Option(help="Patch recipe: mou, xue, or a Xue mode string.")] = None,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Recipe fields, e.g. learning_rate=1e-4,r=4; repeatable.")] = None,
+    budget: Annotated[str | None, typer.Option(
+        help="Patch budget: demo (a smaller patch, under 20 min on 2 CPU cores) or full (train's defaults).")] = None,
     n_harmful: Annotated[int | None, typer.Option(help="Most harmful training prompts per set.")] = None,
     preset: Annotated[str | None, typer.Option(help="Evaluation budget before and after: demo, quick, full.")] = None,
     limit: Annotated[int | None, typer.Option(help="Most rows per evaluation task.")] = None,
@@ -43,8 +45,8 @@ def demo(
     from safetypatch.config import load_config
 
     cfg = load_config(api.DemoConfig, config, dict(
-        model=model, recipe=recipe, recipe_overrides=pairs(set_), n_harmful=n_harmful, preset=preset, limit=limit,
-        output_dir=output_dir, n_show=n_show, overwrite=overwrite))
+        model=model, recipe=recipe, recipe_overrides=pairs(set_), budget=budget, n_harmful=n_harmful, preset=preset,
+        limit=limit, output_dir=output_dir, n_show=n_show, overwrite=overwrite))
     plan = ", ".join(f"{name} (~{STEP_MINUTES[name]} min)" for name in STEPS)
     console.print(f"[bold]safetypatch demo[/] on {cfg.model} -> {cfg.output_dir}\n{len(STEPS)} steps, timed on 2 "
                   f"CPU cores (a first run also converts the model, ~1 min): {plan}")
