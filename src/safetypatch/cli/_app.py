@@ -59,6 +59,9 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log pro
     # PEFT reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: nothing a user can act
     # on, printed in the middle of the progress display.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # PEFT warns whenever a patch is attached to a model folder other than the one named in its adapter config, which
+    # is what attaching to a descendant means; safetypatch reports the fingerprint difference itself.
+    warnings.filterwarnings("ignore", message=r".*`base_model_name_or_path` was renamed.*", category=UserWarning)
     # Under accelerate launch (or torchrun) every process runs the CLI; only the first one talks.
     console.quiet = out.quiet = os.environ.get("RANK", "0") != "0"
     logging.basicConfig(
