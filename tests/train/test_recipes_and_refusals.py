@@ -12,7 +12,6 @@ from safetypatch.train.refusals import REFUSALS, refusal_category, refusal_for, 
 def test_presets_match_the_methods_table():
     mou = get_recipe("mou")
     assert (mou.r, mou.target_modules, mou.layer_range) == (8, ALL_LINEAR, None)
-    assert (mou.num_train_epochs, mou.retain_unlikelihood) == (2.0, 10.0)  # the measured default (docs/patches.md)
     xue = get_recipe("xue")
     assert (xue.r, xue.target_modules, xue.layer_range) == (1, ("up_proj",), "middle_third")
     assert (xue.learning_rate, xue.lr_scheduler_type, xue.weight_decay) == (5e-5, "cosine", 1e-4)
