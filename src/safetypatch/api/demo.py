@@ -26,8 +26,8 @@ from safetypatch.utils.io import atomic_write_json
 
 T = TypeVar("T")
 STEPS = ("evaluate before", "train patch", "evaluate after", "report")
-STEP_MINUTES = {"evaluate before": 3, "train patch": 10, "evaluate after": 3, "report": 0}
-"""Minutes each step took on 2 CPU cores with the embedded model and the defaults (shown as the plan)."""
+STEP_MINUTES = {"evaluate before": 4, "train patch": 5, "evaluate after": 4, "report": 0}
+"""Minutes each step took on 2 CPU cores without bf16, the embedded model and the defaults (shown as the plan)."""
 DEMO_N_HARMFUL = 40
 DEMO_BUDGET: dict[str, Any] = {"learning_rate": 4e-4, "retain_count": 160}
 """The demo's patch under ``budget="demo"``: the default recipe on 40 prompts per harmful set and 160 retain prompts
