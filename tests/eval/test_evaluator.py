@@ -26,12 +26,20 @@ def _plan(tasks, **limits):
 def test_every_task_file_and_preset_is_valid():
     assert {"harmbench", "xstest-safe", "arc-easy", "piqa", "hellaswag", "mmlu", "gsm8k", "arith", "sciq",
             "drift"} <= set(TASKS)
-    for name in ("demo", "quick", "standard", "full"):
+    for name in ("demo", "quick", "standard", "generalization", "full"):
         preset = load_preset(name)
         assert set(preset.tasks) <= set(TASKS)
         assert set(preset.limits) <= set(preset.tasks)
     with pytest.raises(ConfigError, match="unknown preset"):
         load_preset("fast")
+
+
+def test_the_generalization_tasks_read_the_held_out_halves():
+    rows = {name: task_rows(TASKS.get(name)) for name in ("contrast-harmful", "contrast-benign", "everyday-requests")}
+    assert {name: r.n_original for name, r in rows.items()} == {
+        "contrast-harmful": 75, "contrast-benign": 75, "everyday-requests": 320}
+    assert (TASKS.get("contrast-harmful").kind, TASKS.get("contrast-benign").kind) == ("refusal", "over_refusal")
+    assert len({r.data_sha256 for r in rows.values()}) == 3
 
 
 def test_task_rows_are_seeded_held_out_and_hashed():
