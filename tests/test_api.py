@@ -101,6 +101,22 @@ def test_train_config_per_set_counts_must_name_a_harmful_set():
         api.TrainConfig(harmful=["harmbench"], n_per_set={"harmbench": 0})
 
 
+def test_train_config_harmful_categories_narrow_a_set_and_name_what_it_has():
+    from safetypatch.data.schema import Example
+
+    rows = [Example(prompt=f"p{i}", category=cat) for i, cat in enumerate(["a", "b", "a", "c", None])]
+    cfg = api.TrainConfig(harmful=["harmbench", "donotanswer"], harmful_categories={"donotanswer": ["a", "c"]})
+    assert [r.prompt for r in cfg.harmful_rows("donotanswer", rows)] == ["p0", "p2", "p3"]
+    assert cfg.harmful_rows("harmbench", rows) == rows
+    with pytest.raises(ConfigError, match=r"asks 'donotanswer' for \['z'\].*categories are \['None', 'a', 'b', 'c'\]"):
+        api.TrainConfig(harmful=["donotanswer"], harmful_categories={"donotanswer": ["a", "z"]}).harmful_rows(
+            "donotanswer", rows)
+    with pytest.raises(ConfigError, match=r"harmful_categories names \['advbench'\].*--harmful-categories"):
+        api.TrainConfig(harmful=["harmbench"], harmful_categories={"advbench": ["a"]})
+    with pytest.raises(ConfigError, match=r"no category for \['harmbench'\]"):
+        api.TrainConfig(harmful=["harmbench"], harmful_categories={"harmbench": []})
+
+
 def test_train_config_harmful_counts():
     assert api.TrainConfig(harmful=["harmbench", "advbench"]).harmful_counts() == {"harmbench": 150, "advbench": 60}
     assert api.TrainConfig(harmful=["advbench"]).harmful_counts() == {"advbench": 60}
@@ -112,13 +128,16 @@ def test_train_config_harmful_counts():
 
 def test_cli_train_with_recipe_overrides(tmp_path, tiny_model_dirs):
     out = tmp_path / "patch"
-    args = ["train", "--model", str(tiny_model_dirs["qwen2"]), "--harmful", "harmbench", "--n-harmful", "2",
+    args = ["train", "--model", str(tiny_model_dirs["qwen2"]), "--harmful", "harmbench,donotanswer",
+            "--harmful-categories", "donotanswer=malicious_uses+information_hazard", "--n-harmful", "2",
             "--set", "max_steps=1,per_device_train_batch_size=2,retain_count=2,max_length=256",
             "--retain-max-new-tokens", "4", "--output", str(out)]
     run = CliRunner().invoke(app, args)
     assert run.exit_code == 0, run.output
     manifest = json.loads((out / "safety_patch.json").read_text())
     assert manifest["recipe"]["max_steps"] == 1 and manifest["recipe"]["per_device_train_batch_size"] == 2
+    assert manifest["extra"]["train_config"]["harmful_categories"] == {
+        "donotanswer": ["malicious_uses", "information_hazard"]}
     bad = CliRunner().invoke(app, ["train", "--model", str(tiny_model_dirs["qwen2"]), "--set", "rank=2",
                                    "--output", str(tmp_path / "other")])
     assert bad.exit_code == 2 and "rank" in bad.output

@@ -43,6 +43,10 @@ class TrainConfig(StrictConfig):
     n_per_set: dict[str, int] | None = Field(
         None, description="Harmful sets whose count replaces n_harmful, e.g. {harmbench: 150}. Unset: "
                           "DEFAULT_PER_SET when n_harmful is left at its default too, none when n_harmful is set.")
+    harmful_categories: dict[str, list[str]] | None = Field(
+        None, description="Harmful sets narrowed to some of their catalog categories before counting, e.g. "
+                          "{donotanswer: [malicious_uses, information_hazard]}; a category the set's train half lacks "
+                          "is an error that lists the ones it has.")
     retain: list[str] = Field(
         ["xstest-safe", "everyday-requests", "contrast-benign", "benign-edgy", "chat"],
         description="Benign sets (train halves) whose first recipe.retain_count prompts the model answers itself: "
@@ -69,7 +73,32 @@ class TrainConfig(StrictConfig):
         bad = {name: n for name, n in (self.n_per_set or {}).items() if n < 1}
         if bad:
             raise ConfigError(f"TrainConfig: n_per_set counts must be positive, got {bad}.")
+        unknown = sorted(set(self.harmful_categories or ()) - set(self.harmful))
+        if unknown:
+            raise ConfigError(f"TrainConfig: harmful_categories names {unknown}, which are not in harmful "
+                              f"{self.harmful}; add them to harmful (CLI --harmful) or drop them from "
+                              "harmful_categories (CLI --harmful-categories).")
+        empty = sorted(name for name, cats in (self.harmful_categories or {}).items() if not cats)
+        if empty:
+            raise ConfigError(f"TrainConfig: harmful_categories gives no category for {empty}; name at least one "
+                              "or drop the set from harmful_categories.")
         return self
+
+    def harmful_rows(self, name: str, rows: list[Any]) -> list[Any]:
+        """The rows of harmful set ``name`` in its ``harmful_categories`` (all of them when it has none), in order.
+
+        Raises:
+            ConfigError: a named category has no row in ``rows``; the message lists the set's categories.
+        """
+        wanted = (self.harmful_categories or {}).get(name)
+        if wanted is None:
+            return rows
+        present = sorted({str(row.category) for row in rows})
+        missing = sorted(set(wanted) - set(present))
+        if missing:
+            raise ConfigError(f"TrainConfig: harmful_categories asks {name!r} for {missing}, which its train half "
+                              f"does not have; its categories are {present}.")
+        return [row for row in rows if row.category in wanted]
 
     def harmful_counts(self) -> dict[str, int | None]:
         """Most training prompts per harmful set (None: all of its train half), after ``n_per_set``."""
@@ -163,7 +192,8 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
     recipe = cfg.patch_recipe()
     loaded, splits, held_out = _load_inputs(cfg)
     unseen = _Unseen(held_out)
-    harmful = [row for name, n in cfg.harmful_counts().items() for row in unseen.rows(splits[name].train.rows)[:n]]
+    harmful = [row for name, n in cfg.harmful_counts().items()
+               for row in unseen.rows(cfg.harmful_rows(name, splits[name].train.rows))[:n]]
     benign = [row.prompt for name in cfg.retain for row in unseen.rows(splits[name].train.rows)][: recipe.retain_count]
     train_prompts = [row.prompt for row in harmful] + benign
     check_no_overlap(train_prompts, held_out, what="patch training prompts vs evaluation splits")

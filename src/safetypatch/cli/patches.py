@@ -85,6 +85,9 @@ def train(
     n_harmful: Annotated[int | None, typer.Option(help="Most harmful prompts per set.")] = None,
     n_per_set: Annotated[list[str] | None, typer.Option(help="Per-set counts that replace --n-harmful, e.g. "
                                                              "harmbench=150; repeatable.")] = None,
+    harmful_categories: Annotated[list[str] | None, typer.Option(
+        help="Narrow a harmful set to some categories, e.g. donotanswer=malicious_uses+information_hazard; "
+             "repeatable.")] = None,
     retain: Annotated[str | None, typer.Option(help="Comma-separated benign retain sets.")] = None,
     retain_max_new_tokens: Annotated[int | None, typer.Option(help="Length of retain answers.")] = None,
     retain_keep_refusals: Annotated[bool | None, typer.Option(
@@ -99,7 +102,8 @@ def train(
 
     cfg = load_config(api.TrainConfig, config, dict(
         model=model, revision=revision, recipe=recipe, recipe_overrides=pairs(set_), full=full,
-        harmful=split(harmful), n_harmful=n_harmful, n_per_set=pairs(n_per_set), retain=split(retain),
+        harmful=split(harmful), n_harmful=n_harmful, n_per_set=pairs(n_per_set),
+        harmful_categories=_categories(pairs(harmful_categories)), retain=split(retain),
         retain_max_new_tokens=retain_max_new_tokens, retain_keep_refusals=retain_keep_refusals, output=output,
         dtype=dtype, overwrite=overwrite))
     console.print(f"[bold]safetypatch train[/] {cfg.recipe} patch on {cfg.model} -> {cfg.output}")
@@ -112,6 +116,11 @@ def train(
     console.print(f"[green]done[/] in {result.seconds / 60:.1f} min{where}: {result.n_refusal} refusals, "
                   f"{result.n_retain} retain answers, {result.training['steps']} steps, "
                   f"loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f}; patch at {result.path}")
+
+
+def _categories(by_set: dict[str, str] | None) -> dict[str, list[str]] | None:
+    """``{"donotanswer": "a+b"}`` → ``{"donotanswer": ["a", "b"]}``."""
+    return {name: [c for c in text.split("+") if c] for name, text in by_set.items()} if by_set else None
 
 
 @app.command()
