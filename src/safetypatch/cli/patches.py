@@ -107,8 +107,8 @@ def train(
         retain_max_new_tokens=retain_max_new_tokens, retain_keep_refusals=retain_keep_refusals, output=output,
         dtype=dtype, overwrite=overwrite))
     console.print(f"[bold]safetypatch train[/] {cfg.recipe} patch on {cfg.model} -> {cfg.output}")
-    with console.status("generating retain answers and training..."):
-        result = api.train_patch(cfg)
+    with task_bars() as report:
+        result = api.train_patch(cfg, progress=report)
     launch = result.training["launch"]
     where = f" on {launch['num_processes']} processes ({launch['distributed_type']})" if launch["num_processes"] > 1 \
         else ""
