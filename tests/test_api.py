@@ -108,6 +108,9 @@ def test_train_config_harmful_categories_narrow_a_set_and_name_what_it_has():
     cfg = api.TrainConfig(harmful=["harmbench", "donotanswer"], harmful_categories={"donotanswer": ["a", "c"]})
     assert [r.prompt for r in cfg.harmful_rows("donotanswer", rows)] == ["p0", "p2", "p3"]
     assert cfg.harmful_rows("harmbench", rows) == rows
+    names = ["human_chatbox", "malicious_uses", "misinformation_harms", "information_hazard"]
+    areas = [Example(prompt=f"q{i}", category=c) for i, c in enumerate(names)]
+    assert [r.prompt for r in api.TrainConfig().harmful_rows("donotanswer", areas)] == ["q1", "q3"]
     with pytest.raises(ConfigError, match=r"asks 'donotanswer' for \['z'\].*categories are \['None', 'a', 'b', 'c'\]"):
         api.TrainConfig(harmful=["donotanswer"], harmful_categories={"donotanswer": ["a", "z"]}).harmful_rows(
             "donotanswer", rows)
@@ -119,6 +122,7 @@ def test_train_config_harmful_categories_narrow_a_set_and_name_what_it_has():
 
 def test_train_config_harmful_counts():
     assert api.TrainConfig(harmful=["harmbench", "advbench"]).harmful_counts() == {"harmbench": 150, "advbench": 60}
+    assert api.TrainConfig().harmful_counts()["donotanswer"] is None
     assert api.TrainConfig(harmful=["advbench"]).harmful_counts() == {"advbench": 60}
     assert api.TrainConfig(harmful=["harmbench", "advbench"], n_harmful=5).harmful_counts() == {
         "harmbench": 5, "advbench": 5}

@@ -29,10 +29,12 @@ STEPS = ("evaluate before", "train patch", "evaluate after", "report")
 STEP_MINUTES = {"evaluate before": 4, "train patch": 5, "evaluate after": 4, "report": 0}
 """Minutes each step took on 2 CPU cores without bf16, the embedded model and the defaults (shown as the plan)."""
 DEMO_N_HARMFUL = 40
-DEMO_BUDGET: dict[str, Any] = {"learning_rate": 4e-4, "retain_count": 160}
-"""The demo's patch under ``budget="demo"``: the default recipe on 40 prompts per harmful set and 160 retain prompts
-at twice the learning rate, so the whole demo ends in under 20 minutes on 2 CPU cores without bf16
-(docs/performance.md); ``safetypatch train`` trains the full default recipe."""
+DEMO_HARMFUL = ["harmbench", "advbench", "strongreject", "xstest-unsafe", "contrast-harmful"]
+DEMO_BUDGET: dict[str, Any] = {"learning_rate": 4e-4, "retain_count": 160, "num_train_epochs": 1.0,
+                               "retain_unlikelihood": 0.0}
+"""The demo's patch under ``budget="demo"``: 40 prompts of each of :data:`DEMO_HARMFUL` and 160 retain prompts, one
+epoch at twice the learning rate without the unlikelihood term, so the whole demo ends in under 20 minutes on 2 CPU
+cores without bf16 (docs/performance.md); ``safetypatch train`` (and ``--budget full``) trains the default recipe."""
 
 
 class DemoConfig(StrictConfig):
@@ -42,8 +44,9 @@ class DemoConfig(StrictConfig):
     recipe: str = Field("mou", description="Recipe preset of the patch (mou, xue) or a Xue mode string.")
     recipe_overrides: dict[str, Any] = Field(default_factory=dict, description="PatchRecipe fields that win.")
     budget: Literal["demo", "full"] = Field(
-        "demo", description="demo: a smaller patch (40 prompts per harmful set, 160 retain prompts, lr 4e-4) so the "
-                            "run ends in under 20 minutes on 2 CPU cores; full: safetypatch train's defaults.")
+        "demo", description="demo: a smaller patch (40 prompts per harmful set, 160 retain prompts, 1 epoch at lr "
+                            "4e-4, no unlikelihood term) so the run ends in under 20 minutes on 2 CPU cores; full: "
+                            "safetypatch train's defaults.")
     n_harmful: int | None = Field(None, gt=0, description="Most harmful training prompts per set (budget demo: 40; "
                                                           "full: train's default).")
     preset: str = Field("demo", description="Evaluation budget preset run before and after (demo, quick, full).")
@@ -136,6 +139,8 @@ def demo_train_config(cfg: DemoConfig, patch: Path) -> TrainConfig:
     demo_budget = cfg.budget == "demo"
     n_harmful = cfg.n_harmful or (DEMO_N_HARMFUL if demo_budget else None)
     sizes = {"n_harmful": n_harmful} if n_harmful else {}
+    if demo_budget:
+        sizes["harmful"] = DEMO_HARMFUL
     overrides = {**(DEMO_BUDGET if demo_budget else {}), **cfg.recipe_overrides}
     return TrainConfig(model=cfg.model, recipe=cfg.recipe, recipe_overrides=overrides, output=patch, overwrite=True,
                        **sizes)

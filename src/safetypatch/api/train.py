@@ -22,9 +22,16 @@ if TYPE_CHECKING:
     from safetypatch.train.recipes import PatchRecipe
 
 
-DEFAULT_PER_SET: dict[str, int] = {"harmbench": 150}
+DEFAULT_PER_SET: dict[str, int | None] = {"harmbench": 150, "donotanswer": None}
 """HarmBench gets more training prompts than the other sets by default: its contextual (a document, then the
-request) and copyright behaviours are the ones 60 prompts leave unrefused (docs/patches.md, development rows)."""
+request) and copyright behaviours are the ones 60 prompts leave unrefused (docs/patches.md, development rows).
+Do-Not-Answer gives every question of its train half in :data:`DEFAULT_CATEGORIES` (None: all): harmful requests
+phrased as questions, the form the other sets lack (docs/patches.md, *Harmful questions*)."""
+
+DEFAULT_CATEGORIES: dict[str, list[str]] = {
+    "donotanswer": ["malicious_uses", "information_hazard", "discrimination_exclusion_toxicity_hateful_offensive"]}
+"""Do-Not-Answer's risk areas a refusal answers by default; its other two (misinformation_harms, human_chatbox:
+"Are you human?") call for a correction or an honest answer instead."""
 
 
 class TrainConfig(StrictConfig):
@@ -37,16 +44,16 @@ class TrainConfig(StrictConfig):
     full: bool = Field(False, description="Full-parameter Refusal-SFT, the baseline of Mou et al.: sets recipe "
                                           "mode=full and writes a complete model folder.")
     harmful: list[str] = Field(
-        ["harmbench", "advbench", "strongreject", "xstest-unsafe", "contrast-harmful"],
+        ["harmbench", "advbench", "strongreject", "xstest-unsafe", "contrast-harmful", "donotanswer"],
         description="Harmful sets (train halves), each prompt paired with a refusal (docs/patches.md).")
     n_harmful: int | None = Field(60, gt=0, description="Most harmful prompts per set.")
-    n_per_set: dict[str, int] | None = Field(
+    n_per_set: dict[str, int | None] | None = Field(
         None, description="Harmful sets whose count replaces n_harmful, e.g. {harmbench: 150}. Unset: "
                           "DEFAULT_PER_SET when n_harmful is left at its default too, none when n_harmful is set.")
     harmful_categories: dict[str, list[str]] | None = Field(
         None, description="Harmful sets narrowed to some of their catalog categories before counting, e.g. "
                           "{donotanswer: [malicious_uses, information_hazard]}; a category the set's train half lacks "
-                          "is an error that lists the ones it has.")
+                          "is an error that lists the ones it has. Unset: DEFAULT_CATEGORIES.")
     retain: list[str] = Field(
         ["xstest-safe", "everyday-requests", "contrast-benign", "benign-edgy", "chat"],
         description="Benign sets (train halves) whose first recipe.retain_count prompts the model answers itself: "
@@ -70,7 +77,7 @@ class TrainConfig(StrictConfig):
         if unknown:
             raise ConfigError(f"TrainConfig: n_per_set names {unknown}, which are not in harmful {self.harmful}; "
                               "add them to harmful (CLI --harmful) or drop them from n_per_set (CLI --n-per-set).")
-        bad = {name: n for name, n in (self.n_per_set or {}).items() if n < 1}
+        bad = {name: n for name, n in (self.n_per_set or {}).items() if n is not None and n < 1}
         if bad:
             raise ConfigError(f"TrainConfig: n_per_set counts must be positive, got {bad}.")
         unknown = sorted(set(self.harmful_categories or ()) - set(self.harmful))
@@ -85,12 +92,13 @@ class TrainConfig(StrictConfig):
         return self
 
     def harmful_rows(self, name: str, rows: list[Any]) -> list[Any]:
-        """The rows of harmful set ``name`` in its ``harmful_categories`` (all of them when it has none), in order.
+        """The rows of harmful set ``name`` in its ``harmful_categories`` (unset: :data:`DEFAULT_CATEGORIES`; all
+        rows when the set has none), in order.
 
         Raises:
             ConfigError: a named category has no row in ``rows``; the message lists the set's categories.
         """
-        wanted = (self.harmful_categories or {}).get(name)
+        wanted = (DEFAULT_CATEGORIES if self.harmful_categories is None else self.harmful_categories).get(name)
         if wanted is None:
             return rows
         present = sorted({str(row.category) for row in rows})
