@@ -108,9 +108,10 @@ def test_train_config_harmful_categories_narrow_a_set_and_name_what_it_has():
     cfg = api.TrainConfig(harmful=["harmbench", "donotanswer"], harmful_categories={"donotanswer": ["a", "c"]})
     assert [r.prompt for r in cfg.harmful_rows("donotanswer", rows)] == ["p0", "p2", "p3"]
     assert cfg.harmful_rows("harmbench", rows) == rows
-    names = ["human_chatbox", "malicious_uses", "misinformation_harms", "information_hazard"]
+    names = ["human_chatbox", "malicious_uses", "misinformation_harms", "information_hazard",
+             "discrimination_exclusion_toxicity_hateful_offensive"]
     areas = [Example(prompt=f"q{i}", category=c) for i, c in enumerate(names)]
-    assert [r.prompt for r in api.TrainConfig().harmful_rows("donotanswer", areas)] == ["q1", "q3"]
+    assert [r.prompt for r in api.TrainConfig().harmful_rows("donotanswer", areas)] == ["q1", "q3", "q4"]
     with pytest.raises(ConfigError, match=r"asks 'donotanswer' for \['z'\].*categories are \['None', 'a', 'b', 'c'\]"):
         api.TrainConfig(harmful=["donotanswer"], harmful_categories={"donotanswer": ["a", "z"]}).harmful_rows(
             "donotanswer", rows)
