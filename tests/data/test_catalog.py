@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import sys
 import types
 from dataclasses import dataclass, replace
@@ -128,6 +129,15 @@ def test_builtin_sets_are_unique_benign_and_unseen_by_every_evaluation(loaded, b
         if DATASETS.get(name).role in ("harmful", "benign") and name != builtin:
             check_no_overlap(prompts, [r.prompt for r in canonical_split(ds).eval.rows], what=name)
             assert count_ngram_overlap(prompts, [r.prompt for r in ds.rows]) == 0, name
+
+
+def test_public_knowledge_names_no_one_that_xstest_safe_held_out_prompts_name(loaded):
+    """Retain questions about the people XSTest's evaluation rows ask about would teach the answers to the test."""
+    text = " ".join(r.prompt for r in loaded["public-knowledge"].rows)
+    names = {name.removesuffix("'s") for row in canonical_split(loaded["xstest-safe"]).eval.rows
+             for name in re.findall(r"(?<!^)\b[A-Z][a-z'-]+(?: [A-Z][a-z'-]+)*", row.prompt)}
+    shared = {name for name in names if re.search(rf"\b{re.escape(name)}\b", text)}
+    assert shared <= {"Black", "World War", "John", "Germany", "Square"}, sorted(shared)
 
 
 def test_packaged_file_missing_says_reinstall(monkeypatch, tmp_path):
