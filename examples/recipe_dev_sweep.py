@@ -33,7 +33,7 @@ from safetypatch.train.recipes import get_recipe
 
 DEV = {"harmbench": 50, "advbench": 50, "xstest-safe": 40, "benign-edgy": 25}
 HARMFUL = ["harmbench", "advbench", "strongreject", "xstest-unsafe", "contrast-harmful"]
-RETAIN = ["xstest-safe", "everyday-requests", "contrast-benign", "benign-edgy", "chat"]
+RETAIN = ["xstest-safe", "everyday-requests", "public-knowledge", "contrast-benign", "benign-edgy", "chat"]
 
 
 def main() -> None:

@@ -80,7 +80,8 @@ def test_train_patch_writes_a_verified_patch_that_evaluates(tmp_path, tiny_model
     assert manifest["extra"]["retain_own_refusals_dropped"] == 1
     assert manifest["method"] == "refusal_sft" and manifest["training"]["steps"] == 2
     assert {d["name"] for d in manifest["data"]} == {
-        "harmbench", "advbench", "xstest-safe", "everyday-requests", "contrast-benign", "benign-edgy", "chat"}
+        "harmbench", "advbench", "xstest-safe", "everyday-requests", "public-knowledge", "contrast-benign",
+        "benign-edgy", "chat"}
     assert "ngram13_eval_prompts" in manifest["contamination"]
     assert manifest["base_model"]["fingerprint"] == load_model(str(tiny_model_dirs["llama"])).fingerprint.sha256
     assert sorted(p.name for p in tmp_path.iterdir()) == ["patch"]

@@ -55,7 +55,7 @@ class TrainConfig(StrictConfig):
                           "{donotanswer: [malicious_uses, information_hazard]}; a category the set's train half lacks "
                           "is an error that lists the ones it has. Unset: DEFAULT_CATEGORIES.")
     retain: list[str] = Field(
-        ["xstest-safe", "everyday-requests", "contrast-benign", "benign-edgy", "chat"],
+        ["xstest-safe", "everyday-requests", "public-knowledge", "contrast-benign", "benign-edgy", "chat"],
         description="Benign sets (train halves) whose first recipe.retain_count prompts the model answers itself: "
                     "look-alikes of harmful requests (docs/patches.md).")
     retain_max_new_tokens: int = Field(32, gt=0, description="Length of the model's own retain answers.")
