@@ -35,11 +35,13 @@ def test_every_task_file_and_preset_is_valid():
 
 
 def test_the_generalization_tasks_read_the_held_out_halves():
-    rows = {name: task_rows(TASKS.get(name)) for name in ("contrast-harmful", "contrast-benign", "everyday-requests")}
+    names = ("contrast-harmful", "contrast-benign", "everyday-requests", "public-knowledge")
+    assert set(names) <= set(load_preset("generalization").tasks)
+    rows = {name: task_rows(TASKS.get(name)) for name in names}
     assert {name: r.n_original for name, r in rows.items()} == {
-        "contrast-harmful": 75, "contrast-benign": 75, "everyday-requests": 320}
+        "contrast-harmful": 75, "contrast-benign": 75, "everyday-requests": 320, "public-knowledge": 120}
     assert (TASKS.get("contrast-harmful").kind, TASKS.get("contrast-benign").kind) == ("refusal", "over_refusal")
-    assert len({r.data_sha256 for r in rows.values()}) == 3
+    assert len({r.data_sha256 for r in rows.values()}) == 4
 
 
 def test_task_rows_are_seeded_held_out_and_hashed():
