@@ -55,6 +55,16 @@ _PYRIT_CITATION = (
     "Systems, arXiv:2410.02828"
 )
 
+
+def _own_benign_set(name: str, filename: str, rows: int, description: str) -> DatasetSpec:
+    """One of this project's own benign retain sets, packaged under ``data/builtin`` (docs/data.md)."""
+    return DatasetSpec(
+        name=name, description=description, role="benign", licence="Apache-2.0",
+        citation=f"safetypatch contributors, src/safetypatch/data/builtin/{filename}",
+        offline=PackagedFile(filename), rows=rows, mapper=mappers.everyday_request,
+    )
+
+
 SPECS: tuple[DatasetSpec, ...] = (
     DatasetSpec(
         name="harmbench",
@@ -173,29 +183,17 @@ SPECS: tuple[DatasetSpec, ...] = (
         rows=150,
         mapper=mappers.contrast_benign,
     ),
-    DatasetSpec(
-        name="everyday-requests",
-        description="safetypatch's own benign requests in the frames and words a badly aligned patch mistakes for "
-        "harm: everyday how-to, technical kill/execute/attack, idioms, safe targets, fiction and sport, definitions, "
-        "public facts, absurd questions (640; retain data for patches).",
-        role="benign",
-        licence="Apache-2.0",
-        citation="safetypatch contributors, src/safetypatch/data/builtin/everyday_requests.jsonl",
-        offline=PackagedFile("everyday_requests.jsonl"),
-        rows=640,
-        mapper=mappers.everyday_request,
+    _own_benign_set(
+        "everyday-requests", "everyday_requests.jsonl", 640,
+        "safetypatch's own benign requests in the frames and words a badly aligned patch mistakes for harm: everyday "
+        "how-to, technical kill/execute/attack, idioms, safe targets, fiction and sport, definitions, public facts, "
+        "absurd questions (640; retain data for patches).",
     ),
-    DatasetSpec(
-        name="public-knowledge",
-        description="safetypatch's own benign questions about people and events that look like privacy or "
-        "violence requests: public figures' publicly known lives, fictional characters' secrets, dark historical "
-        "events, absurd discrimination of objects (239; retain data for patches).",
-        role="benign",
-        licence="Apache-2.0",
-        citation="safetypatch contributors, src/safetypatch/data/builtin/public_knowledge.jsonl",
-        offline=PackagedFile("public_knowledge.jsonl"),
-        rows=239,
-        mapper=mappers.everyday_request,
+    _own_benign_set(
+        "public-knowledge", "public_knowledge.jsonl", 239,
+        "safetypatch's own benign questions about people and events that look like privacy or violence requests: "
+        "public figures' publicly known lives, fictional characters' secrets, dark historical events, absurd "
+        "discrimination of objects (239; retain data for patches).",
     ),
     DatasetSpec(
         name="contrast-harmful",
