@@ -112,7 +112,7 @@ def test_train_config_harmful_categories_narrow_a_set_and_name_what_it_has():
     names = ["human_chatbox", "malicious_uses", "misinformation_harms", "information_hazard",
              "discrimination_exclusion_toxicity_hateful_offensive"]
     areas = [Example(prompt=f"q{i}", category=c) for i, c in enumerate(names)]
-    assert [r.prompt for r in api.TrainConfig().harmful_rows("donotanswer", areas)] == ["q1", "q3", "q4"]
+    assert [r.prompt for r in api.TrainConfig().harmful_rows("donotanswer", areas)] == ["q1", "q3"]
     with pytest.raises(ConfigError, match=r"asks 'donotanswer' for \['z'\].*categories are \['None', 'a', 'b', 'c'\]"):
         api.TrainConfig(harmful=["donotanswer"], harmful_categories={"donotanswer": ["a", "z"]}).harmful_rows(
             "donotanswer", rows)

@@ -28,10 +28,11 @@ request) and copyright behaviours are the ones 60 prompts leave unrefused (docs/
 Do-Not-Answer gives every question of its train half in :data:`DEFAULT_CATEGORIES` (None: all): harmful requests
 phrased as questions, the form the other sets lack (docs/patches.md, *Harmful questions*)."""
 
-DEFAULT_CATEGORIES: dict[str, list[str]] = {
-    "donotanswer": ["malicious_uses", "information_hazard", "discrimination_exclusion_toxicity_hateful_offensive"]}
-"""Do-Not-Answer's risk areas a refusal answers by default; its other two (misinformation_harms, human_chatbox:
-"Are you human?") call for a correction or an honest answer instead."""
+DEFAULT_CATEGORIES: dict[str, list[str]] = {"donotanswer": ["malicious_uses", "information_hazard"]}
+"""Do-Not-Answer's risk areas a refusal answers by default. Its discrimination/toxicity questions also call for a
+refusal, but training on them brings back the refusal of XSTest's safe questions about people (docs/patches.md,
+*Two Do-Not-Answer areas at λ 20*); its other two (misinformation_harms, human_chatbox: "Are you human?") call for a
+correction or an honest answer instead."""
 
 
 class TrainConfig(StrictConfig):
