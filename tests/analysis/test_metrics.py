@@ -56,7 +56,7 @@ def test_xue_overlap_bounds_and_its_exact_cases():
     outside = U[:, 8:20] @ torch.randn(12, 40, generator=g)  # U_kᵀΔW = 0
     random = torch.randn(48, 40, generator=g)
     assert subspace_metrics(ref, dense(inside, cfg), cfg)["overlap"] == pytest.approx(1.0, abs=1e-6)
-    assert subspace_metrics(ref, dense(outside, cfg), cfg)["overlap"] == pytest.approx(0.0, abs=1e-6)
+    assert subspace_metrics(ref, dense(outside, cfg), cfg)["overlap"] == pytest.approx(0.0, abs=1e-5)
     value = subspace_metrics(ref, dense(random, cfg), cfg)
     assert 0.0 < value["overlap"] < 1.0 and 0.0 < value["overlap_row"] < 1.0 and 0.0 < value["overlap_weighted"] < 1
     wide, _, _ = known_weight(d_out=32, d_in=40)  # k = d_out needs d_out left singular vectors: d_out ≤ d_in
