@@ -78,6 +78,7 @@ def test_train_patch_writes_a_verified_patch_that_evaluates(tmp_path, tiny_model
     manifest = json.loads((result.path / "safety_patch.json").read_text())
     assert (result.n_refusal, result.n_retain) == (3 + 1, 4 - 1) and len(judged) == 4
     assert manifest["extra"]["retain_own_refusals_dropped"] == 1
+    assert manifest["extra"]["harmful_categories_used"] == {}
     assert manifest["method"] == "refusal_sft" and manifest["training"]["steps"] == 2
     assert {d["name"] for d in manifest["data"]} == {
         "harmbench", "advbench", "xstest-safe", "everyday-requests", "public-knowledge", "contrast-benign",
@@ -113,6 +114,8 @@ def test_train_config_harmful_categories_narrow_a_set_and_name_what_it_has():
              "discrimination_exclusion_toxicity_hateful_offensive"]
     areas = [Example(prompt=f"q{i}", category=c) for i, c in enumerate(names)]
     assert [r.prompt for r in api.TrainConfig().harmful_rows("donotanswer", areas)] == ["q1", "q3"]
+    assert api.TrainConfig().categories_used() == {"donotanswer": ["malicious_uses", "information_hazard"]}
+    assert api.TrainConfig(harmful=["harmbench"]).categories_used() == {}
     with pytest.raises(ConfigError, match=r"asks 'donotanswer' for \['z'\].*categories are \['None', 'a', 'b', 'c'\]"):
         api.TrainConfig(harmful=["donotanswer"], harmful_categories={"donotanswer": ["a", "z"]}).harmful_rows(
             "donotanswer", rows)

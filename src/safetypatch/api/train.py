@@ -92,6 +92,13 @@ class TrainConfig(StrictConfig):
                               "or drop the set from harmful_categories.")
         return self
 
+    def categories_used(self) -> dict[str, list[str]]:
+        """The categories each harmful set is narrowed to: ``harmful_categories``, or, unset,
+        :data:`DEFAULT_CATEGORIES` for the sets in ``harmful`` (recorded in the manifest, so it outlives a default)."""
+        if self.harmful_categories is not None:
+            return self.harmful_categories
+        return {name: cats for name, cats in DEFAULT_CATEGORIES.items() if name in self.harmful}
+
     def harmful_rows(self, name: str, rows: list[Any]) -> list[Any]:
         """The rows of harmful set ``name`` in its ``harmful_categories`` (unset: :data:`DEFAULT_CATEGORIES`; all
         rows when the set has none), in order.
@@ -99,7 +106,7 @@ class TrainConfig(StrictConfig):
         Raises:
             ConfigError: a named category has no row in ``rows``; the message lists the set's categories.
         """
-        wanted = (DEFAULT_CATEGORIES if self.harmful_categories is None else self.harmful_categories).get(name)
+        wanted = self.categories_used().get(name)
         if wanted is None:
             return rows
         present = sorted({str(row.category) for row in rows})
@@ -230,7 +237,8 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
                            "dropped_eval_duplicates": unseen.dropped},
             training=result.to_dict(), extra={
                 "retain_protocol": protocol.to_dict(), "train_config": cfg.model_dump(mode="json"),
-                "examples_sha256": examples_sha256, "retain_own_refusals_dropped": len(benign) - len(answers)},
+                "harmful_categories_used": cfg.categories_used(), "examples_sha256": examples_sha256,
+                "retain_own_refusals_dropped": len(benign) - len(answers)},
         )
         if result.launch.is_main_process:
             _save(cfg, loaded, recipe, result, manifest)
