@@ -26,7 +26,9 @@ def ensure_writable(path: Path, overwrite: bool) -> None:
 def atomic_path(path: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` (file or folder) and move it into place only on success.
 
-    A crash or an exception leaves ``path`` as it was and removes the partial output.
+    A crash or an exception leaves ``path`` as it was and removes the partial output. ``.safetensors`` files get
+    the mode the umask gives any new file: safetensors 0.8 writes them 0600 through its own temporary file
+    (safetensors#782), which would hide a patch from a vLLM server running as another user.
     """
     path = Path(path)
     ensure_writable(path, overwrite)
@@ -37,6 +39,7 @@ def atomic_path(path: Path, overwrite: bool = False) -> Iterator[Path]:
         yield target
         if not target.exists():
             raise FileNotFoundError(f"nothing was written to the temporary output {target}")
+        _umask_safetensors(target)
         if path.exists():
             _remove(path)
         os.replace(target, path)
@@ -61,6 +64,18 @@ def file_lock(path: Path, timeout: float = 3600.0) -> FileLock:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(path) + ".lock", timeout=timeout)
+
+
+def _umask_safetensors(root: Path) -> None:
+    files = [root] if root.is_file() else root.rglob("*")
+    mode = None
+    for file in files:
+        if file.suffix == ".safetensors" and file.is_file() and not file.is_symlink():
+            if mode is None:
+                umask = os.umask(0)
+                os.umask(umask)
+                mode = 0o666 & ~umask
+            file.chmod(mode)
 
 
 def _remove(path: Path) -> None:
