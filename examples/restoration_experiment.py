@@ -11,6 +11,10 @@
 Every model is then evaluated on the same tasks (safety, over-refusal, the downstream task, capability) and one
 HTML report compares them, plus a Markdown summary with the share of lost refusal each method recovers.
 
+``--variant METHOD:key=value,...`` (repeatable) adds one more repair of the downstream model with those method
+settings, e.g. ``lssf:decompose=safety_vector,alpha=0.5``, ``lssf:safety_vector=aligned_minus_base`` (the data-free
+vector θ_aligned − the unpatched model) or ``resta:beta=1.0``: a restore step, an evaluation and a row of its own.
+
 Each step writes one folder under ``--output-dir`` and is skipped when that folder exists, so an interrupted run
 resumes where it stopped; delete a folder to redo its step (and the steps after it).
 
@@ -20,8 +24,11 @@ resumes where it stopped; delete a folder to redo its step (and the steps after 
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
 from pathlib import Path
+
+import yaml
 
 import safetypatch
 from safetypatch.eval.results import read_results
@@ -37,6 +44,7 @@ UNSAFE = {"max_length": 1280, "per_device_train_batch_size": 1, "gradient_accumu
 
 def main() -> None:
     args = _parser().parse_args()
+    args.variant = _variants(args.variant)
     out: Path = args.output_dir
     aligned, unsafe, downstream = out / "aligned", out / "unsafe", out / "downstream"
     adapter = out / "downstream-lora"
@@ -60,9 +68,15 @@ def main() -> None:
             method="safe_lora", base_model=args.model, aligned_model=str(aligned), target_model=str(adapter),
             output=repaired["Safe LoRA"]))),
     ]
+    for label, (method, params) in args.variant.items():
+        repaired[label] = out / _slug(label)
+        steps.append((f"restore with {label}", repaired[label], lambda m=method, p=params, f=repaired[label]:
+                      safetypatch.restore(safetypatch.RestoreJob(method=m, params=p, n_anchors=args.n_anchors,
+                                                                 output=f, **_variant_roles(p, roles, args.model)))))
     evaluated = {"aligned": (aligned, None), "unsafe": (unsafe, None), "downstream (no repair)": (downstream, None),
                  "LSSF": (repaired["LSSF"], None), "RESTA": (repaired["RESTA"], None),
-                 "Safe LoRA": (aligned, repaired["Safe LoRA"])}
+                 "Safe LoRA": (aligned, repaired["Safe LoRA"]),
+                 **{label: (repaired[label], None) for label in args.variant}}
     for label, (model, patch) in evaluated.items():
         folder = out / "eval" / _slug(label)
         steps.append((f"evaluate {label}", folder, lambda m=model, p=patch, f=folder: safetypatch.evaluate(
@@ -79,13 +93,13 @@ def main() -> None:
     results = {label: _results(out / "eval" / _slug(label)) for label in evaluated}
     report = write_report(list(results.values()), out / "report.html", labels=list(results),
                           title=f"Post-hoc safety restoration on {args.model}", overwrite=True)
-    summary = _summary(results)
+    summary = _summary(results, ["LSSF", "RESTA", "Safe LoRA", *args.variant])
     (out / "summary.md").write_text(summary, encoding="utf-8")
     print(summary)
     print(f"report: {report}")
 
 
-def _summary(results: dict[str, Path]) -> str:
+def _summary(results: dict[str, Path], repairs: list[str]) -> str:
     """The per-run headline table and, per repair, the share of the refusal lost to fine-tuning that it recovers."""
     summary = summarize(compare([read_results(path) for path in results.values()], list(results)))
     refusal = {run.label: run.harmful_refusal.value if run.harmful_refusal else None for run in summary.runs}
@@ -94,7 +108,7 @@ def _summary(results: dict[str, Path]) -> str:
     if aligned is None or lost is None or aligned <= lost:
         lines.append(f"Fine-tuning did not lower refusal on {', '.join(HARMFUL)} (aligned {aligned}, downstream "
                      f"{lost}); there is nothing to recover.")
-    for label in ("LSSF", "RESTA", "Safe LoRA"):
+    for label in repairs:
         if aligned is not None and lost is not None and aligned > lost and refusal[label] is not None:
             share = (refusal[label] - lost) / (aligned - lost)
             lines.append(f"- {label}: recovers {100 * share:.0f}% of the refusal lost to fine-tuning.")
@@ -109,8 +123,30 @@ def _results(folder: Path) -> Path:
 
 
 def _slug(label: str) -> str:
-    """``downstream (no repair)`` → ``downstream``, ``Safe LoRA`` → ``safe-lora``."""
-    return label.split(" (")[0].lower().replace(" ", "-")
+    """``downstream (no repair)`` → ``downstream``, ``Safe LoRA`` → ``safe-lora``,
+    ``lssf:decompose=safety_vector,alpha=0.5`` → ``lssf-decompose-safety_vector-alpha-0.5``."""
+    return re.sub(r"[ :=,]+", "-", label.split(" (")[0].lower())
+
+
+def _variant_roles(params: dict[str, object], roles: dict[str, str], base: str) -> dict[str, str]:
+    """LSSF's data-free vector (``safety_vector=aligned_minus_base``) reads the unpatched model, not the unsafe one."""
+    if params.get("safety_vector") != "aligned_minus_base":
+        return roles
+    return {"base_model": base, **{role: ref for role, ref in roles.items() if role != "unsafe_model"}}
+
+
+def _variants(items: list[str]) -> dict[str, tuple[str, dict[str, object]]]:
+    """``METHOD:key=value,...`` → {label: (method, params)}; values are read as YAML scalars (numbers stay numbers)."""
+    variants = {}
+    for item in items:
+        method, _, settings = item.partition(":")
+        if method not in {"lssf", "resta"} or not settings:
+            raise SystemExit(f"--variant {item!r}: expected lssf:key=value,... or resta:key=value,...")
+        pairs = [pair.split("=", 1) for pair in settings.split(",")]
+        if any(len(pair) != 2 for pair in pairs):
+            raise SystemExit(f"--variant {item!r}: every setting is key=value")
+        variants[item] = (method, {key.strip(): yaml.safe_load(value) for key, value in pairs})
+    return variants
 
 
 def _limits(text: str) -> dict[str, int]:
@@ -132,6 +168,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=100, help="Most rows per evaluation task.")
     parser.add_argument("--limits", type=_limits, default={}, help="Per-task rows that win over --limit, "
                         "e.g. sciq=200,arc-easy=200.")
+    parser.add_argument("--variant", action="append", default=[], help="One more repair, METHOD:key=value,... "
+                        "(lssf or resta settings), e.g. lssf:decompose=safety_vector,alpha=0.5; repeatable.")
     return parser
 
 

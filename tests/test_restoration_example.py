@@ -1,0 +1,40 @@
+"""The restoration experiment script's own parsing (examples/restoration_experiment.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "examples" / "restoration_experiment.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("restoration_experiment", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variants_keep_numbers_and_names(script):
+    variants = script._variants(["lssf:decompose=safety_vector,alpha=0.5", "resta:beta=1"])
+    assert variants == {"lssf:decompose=safety_vector,alpha=0.5": ("lssf", {"decompose": "safety_vector",
+                                                                             "alpha": 0.5}),
+                        "resta:beta=1": ("resta", {"beta": 1})}
+    assert script._slug("lssf:decompose=safety_vector,alpha=0.5") == "lssf-decompose-safety_vector-alpha-0.5"
+    assert script._slug("downstream (no repair)") == "downstream"
+
+
+@pytest.mark.parametrize("bad", ["lssf", "safe_lora:threshold=0.5", "lssf:alpha"])
+def test_bad_variant_is_refused(script, bad):
+    with pytest.raises(SystemExit, match="--variant"):
+        script._variants([bad])
+
+
+def test_data_free_variant_reads_the_unpatched_model(script):
+    roles = {"aligned_model": "a", "unsafe_model": "u", "target_model": "t"}
+    assert script._variant_roles({"alpha": 2.0}, roles, "base") == roles
+    assert script._variant_roles({"safety_vector": "aligned_minus_base"}, roles, "base") == {
+        "base_model": "base", "aligned_model": "a", "target_model": "t"}
