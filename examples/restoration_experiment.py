@@ -7,6 +7,7 @@
                                                                              since a merged rank-r LoRA is rank r)
     repaired   = downstream restored with LSSF, RESTA (checkpoints) and Safe LoRA (the adapter; base_model = the
                  unpatched model, so V = the safety patch's ΔW)          (safetypatch.restore)
+    re-patched = the safety patch attached to downstream, as to any descendant (safetypatch.evaluate --adapter)
 
 Every model is then evaluated on the same tasks (safety, over-refusal, the downstream task, capability) and one
 HTML report compares them, plus a Markdown summary with the share of lost refusal each method recovers.
@@ -75,7 +76,7 @@ def main() -> None:
                                                                  output=f, **_variant_roles(p, roles, args.model)))))
     evaluated = {"aligned": (aligned, None), "unsafe": (unsafe, None), "downstream (no repair)": (downstream, None),
                  "LSSF": (repaired["LSSF"], None), "RESTA": (repaired["RESTA"], None),
-                 "Safe LoRA": (aligned, repaired["Safe LoRA"]),
+                 "Safe LoRA": (aligned, repaired["Safe LoRA"]), "patch re-applied": (downstream, args.patch),
                  **{label: (repaired[label], None) for label in args.variant}}
     for label, (model, patch) in evaluated.items():
         folder = out / "eval" / _slug(label)
@@ -93,7 +94,7 @@ def main() -> None:
     results = {label: _results(out / "eval" / _slug(label)) for label in evaluated}
     report = write_report(list(results.values()), out / "report.html", labels=list(results),
                           title=f"Post-hoc safety restoration on {args.model}", overwrite=True)
-    summary = _summary(results, ["LSSF", "RESTA", "Safe LoRA", *args.variant])
+    summary = _summary(results, ["LSSF", "RESTA", "Safe LoRA", "patch re-applied", *args.variant])
     (out / "summary.md").write_text(summary, encoding="utf-8")
     print(summary)
     print(f"report: {report}")
