@@ -55,7 +55,7 @@ def test_pad_equal_to_eos_still_supervises_the_eot(tok):
 def test_completion_that_does_not_fit_raises_naming_the_example(tok):
     """§3.1 test (b)."""
     examples = [SFTExample("hi", "ok", kind="retain"), SFTExample("hi", "x" * 80, kind="refusal")]
-    with pytest.raises(DataError, match=r"example 1 \(refusal"):
+    with pytest.raises(DataError, match=r"example 1 \(refusal.*max_length=60.*--set max_length=N"):
         tokenize_examples(tok, examples, max_length=60)
 
 

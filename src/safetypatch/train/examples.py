@@ -226,7 +226,8 @@ def tokenize_examples(
             raise DataError(
                 f"example {i} ({example.kind}, prompt {example.prompt[:60]!r}): its completion alone is "
                 f"{len(completion_ids)} tokens, so with max_length={max_length} it would be truncated and lose its "
-                "end-of-turn token. Raise max_length or shorten the completion."
+                "end-of-turn token. Raise the recipe's max_length (`--set max_length=N`, YAML recipe_overrides) or "
+                "shorten the completion."
             )
         dropped = max(0, len(prompt_ids) - keep)
         prompt_ids = prompt_ids[dropped:]
