@@ -71,9 +71,8 @@ def main() -> None:
     ]
     for label, (method, params) in args.variant.items():
         repaired[label] = out / _slug(label)
-        steps.append((f"restore with {label}", repaired[label], lambda m=method, p=params, f=repaired[label]:
-                      safetypatch.restore(safetypatch.RestoreJob(method=m, params=p, n_anchors=args.n_anchors,
-                                                                 output=f, **_variant_roles(p, roles, args.model)))))
+        job = _variant_job(method, params, roles, args.model, args.n_anchors, repaired[label])
+        steps.append((f"restore with {label}", repaired[label], lambda j=job: safetypatch.restore(j)))
     evaluated = {"aligned": (aligned, None), "unsafe": (unsafe, None), "downstream (no repair)": (downstream, None),
                  "LSSF": (repaired["LSSF"], None), "RESTA": (repaired["RESTA"], None),
                  "Safe LoRA": (aligned, repaired["Safe LoRA"]), "patch re-applied": (downstream, args.patch),
@@ -129,11 +128,14 @@ def _slug(label: str) -> str:
     return re.sub(r"[ :=,]+", "-", label.split(" (")[0].lower())
 
 
-def _variant_roles(params: dict[str, object], roles: dict[str, str], base: str) -> dict[str, str]:
-    """LSSF's data-free vector (``safety_vector=aligned_minus_base``) reads the unpatched model, not the unsafe one."""
-    if params.get("safety_vector") != "aligned_minus_base":
-        return roles
-    return {"base_model": base, **{role: ref for role, ref in roles.items() if role != "unsafe_model"}}
+def _variant_job(method: str, params: dict[str, object], roles: dict[str, str], base: str, n_anchors: int,
+                 output: Path) -> safetypatch.RestoreJob:
+    """The restore job of one ``--variant`` (validated now, before any step runs): LSSF takes the anchor count, and
+    its data-free vector (``safety_vector=aligned_minus_base``) reads the unpatched model instead of the unsafe one."""
+    if params.get("safety_vector") == "aligned_minus_base":
+        roles = {"base_model": base, **{role: ref for role, ref in roles.items() if role != "unsafe_model"}}
+    anchors = {"n_anchors": n_anchors} if method == "lssf" else {}
+    return safetypatch.RestoreJob(method=method, params=params, output=output, **anchors, **roles)
 
 
 def _variants(items: list[str]) -> dict[str, tuple[str, dict[str, object]]]:

@@ -33,8 +33,19 @@ def test_bad_variant_is_refused(script, bad):
         script._variants([bad])
 
 
-def test_data_free_variant_reads_the_unpatched_model(script):
+def test_variant_jobs_validate_and_read_the_right_roles(script, tmp_path):
     roles = {"aligned_model": "a", "unsafe_model": "u", "target_model": "t"}
-    assert script._variant_roles({"alpha": 2.0}, roles, "base") == roles
-    assert script._variant_roles({"safety_vector": "aligned_minus_base"}, roles, "base") == {
-        "base_model": "base", "aligned_model": "a", "target_model": "t"}
+    resta = script._variant_job("resta", {"beta": 1.0}, roles, "base", 128, tmp_path / "r")
+    assert (resta.method, resta.params, resta.roles()) == ("resta", {"beta": 1.0}, roles)
+    lssf = script._variant_job("lssf", {"alpha": 2.0}, roles, "base", 64, tmp_path / "l")
+    assert (lssf.n_anchors, lssf.roles()) == (64, roles)
+    free = script._variant_job("lssf", {"safety_vector": "aligned_minus_base"}, roles, "base", 128, tmp_path / "f")
+    assert free.roles() == {"base_model": "base", "aligned_model": "a", "target_model": "t"}
+
+
+def test_a_misspelt_variant_setting_fails_before_any_step(script, tmp_path):
+    from safetypatch.errors import ConfigError
+
+    roles = {"aligned_model": "a", "unsafe_model": "u", "target_model": "t"}
+    with pytest.raises(ConfigError, match="alpah"):
+        script._variant_job("lssf", {"alpah": 2.0}, roles, "base", 128, tmp_path / "l")
