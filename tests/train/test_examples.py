@@ -116,7 +116,29 @@ def test_retain_examples(tok):
     assert retain[0].kind == "retain" and retain[0].weight == 0.5
     [ex] = tokenize_examples(tok, retain, max_length=64)
     assert ex.weight == 0.5 and ex.labels[-1] == EOT
-    with pytest.raises(DataError, match="2 prompts but 1 responses"):
+    with pytest.raises(DataError, match="2 prompts, 1 responses and 1 ends_turn flags"):
         build_retain_examples(["a", "b"], ["x"])
+    with pytest.raises(DataError, match="1 prompts, 1 responses and 2 ends_turn flags"):
+        build_retain_examples(["a"], ["x"], ends_turn=[True, False])
     with pytest.raises(DataError, match="response 0"):
         build_retain_examples(["a"], ["  "])
+
+
+def test_answer_cut_at_the_generation_limit_is_trained_without_the_end_of_turn(tok):
+    """A retain answer that hit max_new_tokens must not teach the patch to stop where the cut fell."""
+    whole, cut = tokenize_examples(tok, build_retain_examples(["Tell me about tea."] * 2, ["Tea is a drink made"] * 2,
+                                                              ends_turn=[True, False]), max_length=64)
+    assert whole.ends_turn and not cut.ends_turn
+    assert whole.labels[-1] == EOT and EOT not in cut.labels
+    assert cut.input_ids == whole.input_ids[:-1]  # the same answer, one token (the EOT) shorter
+    assert sum(cut.completion_mask) == sum(whole.completion_mask) - 1
+    assert tok.decode(cut.input_ids[len(cut.input_ids) - sum(cut.completion_mask):]) == "Tea is a drink made"
+
+
+def test_runtime_assertions_know_cut_examples(tok):
+    eot = end_of_turn_ids(tok)
+    assert check_supervision([[1, 2, EOT], [-100, 5, 6]], eot, [True, False]) == pytest.approx(4 / 6)
+    with pytest.raises(DataError, match="example 1 was cut at a generation limit but its last supervised token"):
+        check_supervision([[1, 2, EOT], [-100, 5, EOT]], eot, [True, False])
+    with pytest.raises(DataError, match="example 0: the last supervised token is id 6"):
+        check_supervision([[-100, 5, 6]], eot, [True])

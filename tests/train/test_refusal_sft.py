@@ -13,7 +13,7 @@ from safetypatch.patch.apply import attach_patch
 from safetypatch.patch.artifact import PatchManifest, save_patch
 from safetypatch.patch.factors import patch_from_peft
 from safetypatch.patch.probe import probe_input_ids, probe_logits
-from safetypatch.train.examples import SFTExample, build_refusal_examples, tokenize_examples
+from safetypatch.train.examples import SFTExample, build_refusal_examples, build_retain_examples, tokenize_examples
 from safetypatch.train.loss import completion_loss, fast_path_supported, supervised_logits
 from safetypatch.train.recipes import RegularizerConfig, get_recipe
 from safetypatch.train.refusal_sft import lora_config, make_trainer, train_refusal_patch
@@ -27,6 +27,17 @@ CATEGORIES = ["cybercrime_intrusion", "harmful", "illegal", "illegal"]
 def refusal_data(tok, max_length=256):
     rows = [Example(prompt=p, category=c) for p, c in zip(PROMPTS, CATEGORIES, strict=True)]
     return tokenize_examples(tok, build_refusal_examples(rows), max_length=max_length)
+
+
+def test_trainer_keeps_a_cut_retain_answer_open(tmp_path):
+    """TRL must not append an EOS to a completion cut at the generation limit (the trained labels are checked)."""
+    model, tok = build_tiny_model("llama")
+    data = refusal_data(tok) + tokenize_examples(
+        tok, build_retain_examples(["what is tea"], ["Tea is a drink"], ends_turn=[False]), max_length=256)
+    trainer = make_trainer(model, tok, data, get_recipe("mou", per_device_train_batch_size=4, seed=0), tmp_path)
+    labels = [list(row) for row in trainer.train_dataset["labels"]]
+    assert labels == [ex.labels for ex in data]
+    assert labels[-1][-1] != EOT and all(row[-1] == EOT for row in labels[:-1])
 
 
 def first_batch(trainer):

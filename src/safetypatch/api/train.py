@@ -59,7 +59,8 @@ class TrainConfig(StrictConfig):
         ["xstest-safe", "everyday-requests", "public-knowledge", "contrast-benign", "benign-edgy", "chat"],
         description="Benign sets (train halves) whose first recipe.retain_count prompts the model answers itself: "
                     "look-alikes of harmful requests (docs/patches.md).")
-    retain_max_new_tokens: int = Field(32, gt=0, description="Length of the model's own retain answers.")
+    retain_max_new_tokens: int = Field(32, gt=0, description="Length of the model's own retain answers; an answer "
+                                                             "cut there is trained without the end-of-turn token.")
     retain_keep_refusals: bool = Field(False, description="Keep the retain answers in which the model refuses the "
                                                           "benign prompt itself (dropped by default: they would "
                                                           "train refusing benign look-alikes).")
@@ -219,7 +220,8 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
         refused = own_refusals([a.response for a in answers])
         answers = [answer for answer, no in zip(answers, refused, strict=True) if not no]
     examples = build_refusal_examples(harmful, seed=recipe.refusal_seed) + build_retain_examples(
-        [a.prompt for a in answers], [a.response for a in answers], weight=recipe.retain_weight)
+        [a.prompt for a in answers], [a.response for a in answers], weight=recipe.retain_weight,
+        ends_turn=[a.finish_reason == "eos" for a in answers])
     tokenized = tokenize_examples(loaded.tokenizer, examples, max_length=recipe.max_length, think=recipe.think)
     examples_sha256 = sha256_json([[ex.input_ids, ex.completion_mask, ex.weight] for ex in tokenized])
     require_same_everywhere(examples_sha256, "the tokenised training examples")
@@ -238,7 +240,8 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
             training=result.to_dict(), extra={
                 "retain_protocol": protocol.to_dict(), "train_config": cfg.model_dump(mode="json"),
                 "harmful_categories_used": cfg.categories_used(), "examples_sha256": examples_sha256,
-                "retain_own_refusals_dropped": len(benign) - len(answers)},
+                "retain_own_refusals_dropped": len(benign) - len(answers),
+                "retain_cut_at_max_new_tokens": sum(a.finish_reason == "length" for a in answers)},
         )
         if result.launch.is_main_process:
             _save(cfg, loaded, recipe, result, manifest)

@@ -38,6 +38,8 @@ class SFTExample:
         weight: loss weight of the completion's tokens.
         category: the prompt's category label (refusals).
         thinking: body of the short thinking segment put before the completion when ``think`` is on (refusals).
+        ends_turn: False for a completion cut at a generation limit: it is trained without the end-of-turn token,
+            so the patch does not learn to stop where the cut fell.
     """
 
     prompt: str
@@ -46,6 +48,7 @@ class SFTExample:
     weight: float = 1.0
     category: str | None = None
     thinking: str | None = None
+    ends_turn: bool = True
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class TokenizedExample:
         weight: loss weight of the completion's tokens.
         kind: ``refusal`` or ``retain``.
         prompt_tokens_dropped: how many prompt tokens left truncation removed.
+        ends_turn: the completion ends with the end-of-turn token (False: cut at a generation limit).
     """
 
     input_ids: tuple[int, ...]
@@ -65,6 +69,7 @@ class TokenizedExample:
     weight: float
     kind: str
     prompt_tokens_dropped: int = 0
+    ends_turn: bool = True
 
     @property
     def first_completion_id(self) -> int:
@@ -96,7 +101,7 @@ def build_refusal_examples(examples: Iterable[Example], *, seed: int = 0) -> lis
 
 
 def build_retain_examples(
-    prompts: Sequence[str], responses: Sequence[str], *, weight: float = 1.0
+    prompts: Sequence[str], responses: Sequence[str], *, weight: float = 1.0, ends_turn: Sequence[bool] | None = None
 ) -> list[SFTExample]:
     """Benign prompts answered by the model itself, trained on so the patch keeps answering them (FINDINGS.md §1).
 
@@ -104,6 +109,8 @@ def build_retain_examples(
         prompts: benign user turns.
         responses: the model's own answers, one per prompt (e.g. ``Generation.response`` from eval.generate).
         weight: loss weight of these completions.
+        ends_turn: per response, whether it ended by itself (``Generation.finish_reason == "eos"``); a response
+            cut at ``max_new_tokens`` is trained without the end-of-turn token. None: every response ended.
 
     Returns:
         One ``retain`` example per pair.
@@ -111,15 +118,16 @@ def build_retain_examples(
     Raises:
         DataError: the lists differ in length, or a response is empty (named by index).
     """
-    if len(prompts) != len(responses):
-        raise DataError(f"build_retain_examples: {len(prompts)} prompts but {len(responses)} responses; pass one "
-                        "response per prompt.")
+    ends = [True] * len(responses) if ends_turn is None else list(ends_turn)
+    if not len(prompts) == len(responses) == len(ends):
+        raise DataError(f"build_retain_examples: {len(prompts)} prompts, {len(responses)} responses and {len(ends)} "
+                        "ends_turn flags; pass one response and one flag per prompt.")
     for i, response in enumerate(responses):
         if not response.strip():
             raise DataError(f"build_retain_examples: response {i} (prompt {prompts[i][:60]!r}) is empty; drop the "
                             "pair or regenerate it with more max_new_tokens.")
-    pairs = zip(prompts, responses, strict=True)
-    return [SFTExample(prompt=p, completion=r, kind="retain", weight=weight) for p, r in pairs]
+    rows = zip(prompts, responses, ends, strict=True)
+    return [SFTExample(prompt=p, completion=r, kind="retain", weight=weight, ends_turn=e) for p, r, e in rows]
 
 
 def end_of_turn_ids(tokenizer: Any) -> tuple[int, ...]:
@@ -198,6 +206,12 @@ def _end_at_eot(completion: str, tokenizer: Any) -> str:
     return completion + markers[0]
 
 
+def _without_eot(completion: str, tokenizer: Any) -> str:
+    """``completion`` (as :func:`render_example` ends it) without its final end-of-turn marker."""
+    marker = max((m for m in end_of_turn_markers(tokenizer) if completion.endswith(m)), key=len, default="")
+    return completion[: len(completion) - len(marker)]
+
+
 def tokenize_examples(
     tokenizer: Any, examples: Sequence[SFTExample], *, max_length: int, think: bool | None = None
 ) -> list[TokenizedExample]:
@@ -219,6 +233,8 @@ def tokenize_examples(
     out = []
     for i, example in enumerate(examples):
         prompt, completion = render_example(tokenizer, example, think=think, index=i)
+        if not example.ends_turn:
+            completion = _without_eot(completion, tokenizer)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
         keep = max_length - len(completion_ids)
@@ -234,12 +250,15 @@ def tokenize_examples(
         out.append(TokenizedExample(
             input_ids=tuple(prompt_ids + completion_ids),
             completion_mask=tuple([0] * len(prompt_ids) + [1] * len(completion_ids)),
-            weight=example.weight, kind=example.kind, prompt_tokens_dropped=dropped,
+            weight=example.weight, kind=example.kind, prompt_tokens_dropped=dropped, ends_turn=example.ends_turn,
         ))
     if dropped_total := sum(ex.prompt_tokens_dropped > 0 for ex in out):
         logger.warning("%d of %d examples had their prompt cut from the left to fit max_length=%d",
                        dropped_total, len(out), max_length)
-    check_supervision([ex.labels for ex in out], end_of_turn_ids(tokenizer))
+    if cut := sum(not ex.ends_turn for ex in out):
+        logger.info("%d of %d examples were cut at a generation limit and are trained without an end-of-turn token",
+                    cut, len(out))
+    check_supervision([ex.labels for ex in out], end_of_turn_ids(tokenizer), [ex.ends_turn for ex in out])
     return out
 
 
@@ -248,15 +267,19 @@ def refusal_openings(examples: Iterable[TokenizedExample]) -> tuple[int, ...]:
     return tuple(sorted({ex.first_completion_id for ex in examples if ex.kind == "refusal"}))
 
 
-def check_supervision(labels: Sequence[Sequence[int]], eot_ids: Iterable[int]) -> float:
+def check_supervision(
+    labels: Sequence[Sequence[int]], eot_ids: Iterable[int], ends_turn: Sequence[bool] | None = None
+) -> float:
     """The §3.1 step 4 assertions, run before step 0 on the labels the trainer will use (METHODS.md §5.5).
 
     Every example has at least one supervised token that some position predicts (position 0 never is), and its
-    last supervised token is an end-of-turn id. The supervised fraction is logged.
+    last supervised token is an end-of-turn id, or, for an example cut at a generation limit, is not one. The
+    supervised fraction is logged.
 
     Args:
         labels: per example, token ids on supervised positions and −100 elsewhere (unpadded).
         eot_ids: the end-of-turn ids (:func:`end_of_turn_ids`).
+        ends_turn: per example, whether its completion ends the turn (``TokenizedExample.ends_turn``); None: all.
 
     Returns:
         The fraction of tokens that are supervised, over all examples.
@@ -265,16 +288,21 @@ def check_supervision(labels: Sequence[Sequence[int]], eot_ids: Iterable[int]) -
         DataError: naming the first example that violates an assertion, what was seen and how to fix it.
     """
     eot = set(eot_ids)
+    ends = [True] * len(labels) if ends_turn is None else list(ends_turn)
     supervised = total = 0
-    for i, row in enumerate(labels):
+    for i, (row, ends_here) in enumerate(zip(labels, ends, strict=True)):
         kept = [tok for tok in list(row)[1:] if tok != IGNORE_INDEX]
         if not kept:
             raise DataError(f"example {i} has no supervised token (all {len(row)} labels are -100), so it would "
                             "train nothing; check the completion mask and max_length.")
-        if kept[-1] not in eot:
+        if ends_here and kept[-1] not in eot:
             raise DataError(f"example {i}: the last supervised token is id {kept[-1]}, not an end-of-turn id "
                             f"{sorted(eot)}, so the model would not learn to stop. The completion must end with "
                             "the template's end-of-turn token (see render_example).")
+        if not ends_here and kept[-1] in eot:
+            raise DataError(f"example {i} was cut at a generation limit but its last supervised token is the "
+                            f"end-of-turn id {kept[-1]}, so the model would learn to stop where the cut fell; "
+                            "tokenise it with ends_turn=False (see tokenize_examples).")
         supervised += len(kept)
         total += len(row)
     if not total:

@@ -125,7 +125,8 @@ def train_refusal_patch(
             launcher's.
     """
     trainer = make_trainer(model, tokenizer, train_examples, recipe, output_dir, callbacks, progress)
-    fraction = check_supervision(trainer.train_dataset["labels"], end_of_turn_ids(tokenizer))
+    fraction = check_supervision(trainer.train_dataset["labels"], end_of_turn_ids(tokenizer),
+                                 [ex.ends_turn for ex in train_examples])
     with _cpu_threads():
         start = time.perf_counter()
         trainer.train()
