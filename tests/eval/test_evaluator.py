@@ -70,13 +70,15 @@ def test_run_tasks_writes_consistent_results(tmp_path):
     refused = [s["verdicts"][judge_id]["refused"] for s in samples]
     assert refusal.value == pytest.approx(sum(refused) / 4)
     assert all("templated_prompt_sha256" in s and s["finish_reason"] in ("eos", "length") for s in samples)
+    empty = results.metric("harmbench", "empty_rate", "none")
+    assert empty.n == 4 and empty.value == pytest.approx(sum(not s["response"].strip() for s in samples) / 4)
     acc = results.metric("arc-easy", "acc", "none")
     arc = read_samples(next(path.parent.glob("samples_arc-easy_*.jsonl")))
     assert acc.n == 6 and acc.value == pytest.approx(sum(s["acc"] for s in arc) / 6)
     data = json.loads(path.read_text())
     assert data["n-samples"]["arc-easy"] == {"original": 570, "effective": 6}
     assert set(data["config"]["data"]) == {"harmbench", "xstest-safe", "arc-easy"}
-    assert data["higher_is_better"]["xstest-safe"] == {"over_refusal_rate": False}
+    assert data["higher_is_better"]["xstest-safe"] == {"over_refusal_rate": False, "empty_rate": False}
     assert judge_id in data["config"]["judges"]
 
 

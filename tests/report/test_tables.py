@@ -51,7 +51,7 @@ def test_summary_means(before_after):
     assert after.over_refusal.delta == pytest.approx(0.04, abs=1e-12) and after.over_refusal.improved is False
     assert after.capability.delta == pytest.approx(-0.01, abs=1e-12)
     assert after.harmful_refusal.sources == (("harmbench", "refusal_rate"),) and after.harmful_refusal.n == 100
-    assert (after.exact_match, after.kl, after.nll_delta) == (None, None, None)
+    assert (after.exact_match, after.empty, after.kl, after.nll_delta) == (None, None, None, None)
     assert after.sentence() == (
         "org/base + refusal-patch: refuses 95.0% of harmful prompts (n=100, mean of refusal_rate on harmbench), "
         "over-refuses 6.0% of benign ones (n=250, mean of over_refusal_rate on xstest-safe), capability 54.0% "
@@ -74,6 +74,8 @@ def _rich_results(tmp_path):
         builder.add_metric(task, "acc", "none", rate(acc, 200), True)
     builder.add_task("gsm8k", version=3, n_samples=1319)
     builder.add_metric("gsm8k", "exact_match", "strict-match", rate(0.25, 1319), True)
+    builder.add_metric("gsm8k", "empty_rate", "none", rate(0.125, 1319), False)
+    builder.add_metric("strongreject", "empty_rate", "none", rate(0.375, 50), False)
     builder.add_task("benign-drift", version=1, n_samples=64)
     builder.add_metric("benign-drift", "kl", "none", MetricValue(0.02, 0.005, None, None, 64), False)
     builder.add_metric("benign-drift", "nll_delta", "none", MetricValue(0.125, None, None, None, 64), False)
@@ -94,6 +96,9 @@ def test_summary_rules(tmp_path, before_after):
     assert run.capability.value == 0.5
     assert run.capability.sources == (("arc-easy", "acc_norm"), ("mmlu", "acc"))
     assert run.exact_match.value == 0.25 and run.exact_match.sources == (("gsm8k", "exact_match"),)
+    # Empty answers: the mean over every task that generated (0.375 and 0.125), lower is better.
+    assert run.empty.value == 0.25 and run.empty.sources == (("gsm8k", "empty_rate"), ("strongreject", "empty_rate"))
+    assert run.empty.higher_is_better is False and "empty answers 25.0%" in run.sentence()
     assert (run.kl.value, run.kl.text, run.nll_delta.value) == (0.02, "0.02 (n=64)", 0.125)
     assert run.over_refusal is None and "over-refusal not measured" in run.sentence()
     # A mean over other tasks than the first run's gets no delta.

@@ -140,11 +140,19 @@ def _run_judged(subject: ModelUnderTest, spec: TaskSpec, rows: TaskRows, plan: E
     for judge_id, judged in verdicts.items():
         for metric, value, higher in _safety_metrics(spec, judged, plan.seed):
             builder.add_metric(spec.name, metric, judge_id, value, higher)
+    _add_empty_rate(builder, spec.name, responses, plan.seed)
     samples = sample_rows(prompts, responses, verdicts)
     for sample, gen in zip(samples, generations, strict=True):
         sample.update(templated_prompt_sha256=gen.templated_prompt_sha256, n_new_tokens=gen.n_new_tokens,
                       finish_reason=gen.finish_reason)
     builder.add_samples(spec.name, samples)
+
+
+def _add_empty_rate(builder: ResultsBuilder, task: str, responses: Sequence[str], seed: int) -> None:
+    """The share of answers that are empty (the model ended its turn at once): judges count an empty answer to a
+    harmful prompt as a refusal, so this tells a silenced model from a refusing one."""
+    builder.add_metric(task, "empty_rate", "none", mean_metric([float(not r.strip()) for r in responses], seed=seed),
+                       False)
 
 
 def _safety_metrics(spec: TaskSpec, verdicts: list[Verdict], seed: int) -> list[tuple[str, MetricValue, bool]]:
@@ -195,6 +203,7 @@ def _run_exact_match(subject: ModelUnderTest, spec: TaskSpec, rows: TaskRows, pl
                for g, row in zip(generations, rows.rows, strict=True)]
     _add_task(builder, spec, rows, generation_kwargs=protocol.to_dict(), num_fewshot=0)
     builder.add_metric(spec.name, "exact_match", scoring.filter, mean_metric(correct, seed=plan.seed), True)
+    _add_empty_rate(builder, spec.name, [g.response for g in generations], plan.seed)
     builder.add_samples(spec.name, [
         {"doc_id": k, "prompt": p, "response": g.response, "answer": str(row.answer), "exact_match": c}
         for k, (p, g, row, c) in enumerate(zip(prompts, generations, rows.rows, correct, strict=True))

@@ -1,5 +1,5 @@
 """Per-run headline numbers (METHODS.md §4.1): mean refusal on harmful tasks, mean over-refusal, capability,
-exact match and benign drift, each with the tasks it averages and its delta against the first run.
+exact match, empty answers and benign drift, each with the tasks it averages and its delta against the first run.
 
 A family's value is the unweighted mean over tasks (``tables.FAMILIES`` says which metric counts per task); a
 task reported under several filters (judges) contributes the mean of those. A delta is given only when both runs
@@ -83,16 +83,18 @@ class RunSummary:
     over_refusal: SummaryValue | None
     capability: SummaryValue | None
     exact_match: SummaryValue | None
+    empty: SummaryValue | None
     kl: SummaryValue | None
     nll_delta: SummaryValue | None
 
     def sentence(self) -> str:
-        """One plain-text sentence: refusal, over-refusal, capability and, when present, exact match and drift."""
+        """One plain-text sentence: refusal, over-refusal, capability and, when present, exact match, empty answers
+        and drift."""
         parts = [_phrase(self.harmful_refusal, "refuses {} of harmful prompts", "refusal of harmful prompts"),
                  _phrase(self.over_refusal, "over-refuses {} of benign ones", "over-refusal"),
                  _phrase(self.capability, "capability {}", "capability")]
         parts += [_phrase(value, f"{FAMILY[key].title} {{}} {FAMILY[key].unit}".rstrip(), "")
-                  for key in ("exact_match", "kl", "nll_delta") if (value := getattr(self, key)) is not None]
+                  for key in ("exact_match", "empty", "kl", "nll_delta") if (value := getattr(self, key)) is not None]
         return f"{self.label}: {', '.join(parts)}."
 
 

@@ -23,7 +23,7 @@ from safetypatch.eval.results import Results
 Z95 = 1.959963984540054
 # Metrics that are fractions in [0, 1] and print as percentages.
 PERCENT_METRICS = frozenset({"refusal_rate", "over_refusal_rate", "asr", "harmful_rate", "safety_score",
-                             "contrast_compliance", "acc", "acc_norm", "exact_match"})
+                             "contrast_compliance", "acc", "acc_norm", "exact_match", "empty_rate"})
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ FAMILIES = (
     Family("over_refusal", "over-refusal on benign prompts", ("over_refusal_rate",)),
     Family("capability", "capability (multiple choice)", ("acc_norm", "acc")),
     Family("exact_match", "exact match", ("exact_match",)),
+    Family("empty", "empty answers", ("empty_rate",)),
     Family("kl", "benign KL drift", ("kl",), "nats/token"),
     Family("nll_delta", "benign NLL drift", ("nll_delta",), "nats/token"),
 )
