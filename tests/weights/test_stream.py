@@ -3,6 +3,7 @@ role alignment, the in-place shard writer, and the run plan, on the tiny models 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -19,6 +20,8 @@ from transformers import AutoModelForCausalLM
 import safetypatch
 from safetypatch.errors import ConfigError, ModelError, ModelMismatchError, OutputExistsError
 from safetypatch.weights import reader as reader_module
+from safetypatch.weights import writer as writer_module
+from safetypatch.weights.elementwise import Elementwise
 from safetypatch.weights.stream import (
     LINEAR_PATTERNS,
     CheckpointReader,
@@ -363,6 +366,62 @@ def test_sharded_writes_are_cast_to_the_template_dtype_and_load(tmp_path):
         assert safetensors.torch.load_file(str(out / shard))
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     assert torch.equal(loaded.state_dict()[names[0]], 2 * reader.get(names[0]))
+
+
+def _doubled(template: Path, out: Path) -> bytes:
+    reader = CheckpointReader(template)
+    with CheckpointWriter(out, template=template) as writer:
+        for name, tensors in aligned({"target_model": reader}, select_names(reader, "linear")):
+            writer.add(name, Elementwise(tensors, lambda t: 2 * t["target_model"], chunk_elements=1000))
+        writer.finish()
+    return (out / "model.safetensors").read_bytes()
+
+
+def test_shards_are_written_back_window_by_window_with_the_same_bytes(tiny_model_dirs, tmp_path, monkeypatch):
+    template = tiny_model_dirs["llama"]
+    monkeypatch.setattr(writer_module, "_SYNC_FILE_RANGE", None)  # through the page cache only
+    expected = _doubled(template, tmp_path / "plain")
+    monkeypatch.undo()
+    window = 16 * 1024
+    monkeypatch.setattr(writer_module, "WRITE_BACK_BYTES", window)
+    if writer_module._SYNC_FILE_RANGE is not None:  # the real system calls, small windows
+        assert _doubled(template, tmp_path / "real") == expected
+    calls: list[tuple[str, int, int]] = []
+    monkeypatch.setattr(writer_module, "_SYNC_FILE_RANGE", lambda *args: 0)
+    monkeypatch.setattr(writer_module, "_sync_range", lambda fd, start, end, flags: calls.append(
+        ("write" if flags == writer_module._SYNC_WRITE else "wait", start, end)))
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, start, length, advice: calls.append(
+        ("drop" if advice == os.POSIX_FADV_DONTNEED else "advise", start, start + length)))
+    assert _doubled(template, tmp_path / "spied") == expected
+    handed = [(start, end) for kind, start, end in calls if kind == "write"]
+    waited = [(start, end) for kind, start, end in calls if kind == "wait"]
+    dropped = [(start, end) for kind, start, end in calls if kind == "drop"]
+    assert len(handed) > 10 and waited == dropped
+    assert waited == handed[:len(waited)]  # every range is waited for and dropped a window after it was handed
+    assert 0 < len(handed) - len(waited) <= 2  # the last window stays with the kernel
+    data_start = 8 + int.from_bytes(expected[:8], "little")
+    linear = sum(CheckpointReader(template).nbytes(n) for n in select_names(CheckpointReader(template), "linear"))
+    assert sum(end - start for start, end in handed) > linear - window  # all but the last window was handed
+    assert all(start >= data_start and end <= len(expected) for start, end in handed)
+
+
+def test_write_back_turns_itself_off_where_the_file_system_refuses_it(tiny_model_dirs, tmp_path, monkeypatch):
+    template = tiny_model_dirs["llama"]
+    monkeypatch.setattr(writer_module, "WRITE_BACK_BYTES", 16 * 1024)
+    calls = []
+
+    def refuse(fd, start, end, flags):
+        calls.append(flags)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(writer_module, "_SYNC_FILE_RANGE", lambda *args: -1)
+    monkeypatch.setattr(writer_module, "_sync_range", refuse)
+    reader = CheckpointReader(template)
+    written = _doubled(template, tmp_path / "refused")
+    assert len(calls) == 1  # tried once, then written through the page cache
+    out = CheckpointReader(tmp_path / "refused")
+    name = select_names(reader, "linear")[0]
+    assert written and torch.equal(out.get(name), 2 * reader.get(name))
 
 
 def test_shards_respect_the_size_cap_unless_a_tensor_is_bigger(tiny_model_dirs, tmp_path):

@@ -11,19 +11,25 @@ not even that tensor is held whole. :meth:`CheckpointWriter.finish` copies the t
 template (:meth:`CheckpointWriter.copy_rest`; byte for byte, file to file, when the dtypes agree), checks the
 written headers, writes the index, copies config, generation config, tokenizer and chat template files, and moves
 the folder into place atomically; on any error nothing is left at the output path. Shards are written with
-``pwrite`` on descriptors kept open until the writer finishes; nothing is fsynced (the page cache writes them back).
+``pwrite`` on descriptors kept open until the writer finishes, and written back as they go (:class:`_WriteBack`):
+every ``WRITE_BACK_BYTES`` of new data, the kernel is asked to start writing it to disk, and the window before it,
+on disk by then, is dropped from the page cache, so the output never holds more than two windows of dirty pages and
+its pages are recycled rather than taken fresh (``docs/performance.md``). Nothing is fsynced.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import difflib
 import errno
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -42,6 +48,7 @@ METADATA_FILES = (
     "chat_template.json", "preprocessor_config.json", "processor_config.json",
 )
 METADATA_FOLDERS = ("additional_chat_templates",)
+WRITE_BACK_BYTES = 64 * 2**20  # the write-back window of each shard (see _WriteBack)
 
 
 class CheckpointWriter:
@@ -73,6 +80,7 @@ class CheckpointWriter:
         self._tmp = self._output.__enter__()
         self._written: set[str] = set()
         self._fds: dict[str, int] = {}
+        self._write_back: dict[int, _WriteBack] = {}
         self._open = True
         try:
             self._tmp.mkdir()
@@ -203,13 +211,16 @@ class CheckpointWriter:
                       check_finite: bool = True) -> None:
         """Write consecutive flat pieces of ``name``, already in the storage dtype, from ``start`` on."""
         fd = self._fd(file)
+        write_back = self._write_back[fd]
         offset = start
         for chunk in chunks:
             if check_finite and chunk.is_floating_point() and not all_finite(chunk):
                 raise ModelError(f"tensor {name} for {self.folder} contains NaN or Inf as {info.dtype}; the "
                                  "computation that produced it diverged or overflows the storage dtype (check its "
                                  "inputs and strength). It was not written.")
-            offset += _pwrite_all(fd, chunk.view(torch.uint8).numpy().data, offset)
+            end = offset + _pwrite_all(fd, chunk.view(torch.uint8).numpy().data, offset)
+            write_back.wrote(offset, end)
+            offset = end
         if offset - start != info.nbytes:
             raise ModelError(f"tensor {name} for {self.folder}: {offset - start} bytes were produced for its "
                              f"{info.nbytes}. Please report this bug.")
@@ -244,9 +255,11 @@ class CheckpointWriter:
         fd = self._fds.get(file)
         if fd is None:
             fd = self._fds[file] = os.open(self._tmp / file, os.O_RDWR)
+            self._write_back[fd] = _WriteBack(fd)
         return fd
 
     def _close_files(self) -> None:
+        self._write_back.clear()
         while self._fds:
             os.close(self._fds.popitem()[1])
 
@@ -281,6 +294,74 @@ class CheckpointWriter:
 
 # copy_file_range is missing, or refuses these two files (another file system, an old kernel).
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.EPERM}
+
+
+class _WriteBack:
+    """Keep one output file's dirty pages to two windows, and its pages recycled.
+
+    Writing a checkpoint through the page cache takes a fresh page for every 4 KiB of output and leaves all of it
+    dirty until the kernel writes it back, after the run. On a virtual machine a page the guest has not touched
+    recently costs a host fault (0.3-0.5 GB/s on the 2-core CI machine, ``docs/performance.md``), and the output
+    competes with the inputs for the page cache. So every ``WRITE_BACK_BYTES`` of new data, the pages of that window
+    are handed to the disk (``sync_file_range(WRITE)``, which returns at once), and those of the window before it are
+    waited for and dropped from the page cache (``posix_fadvise(DONTNEED)``): the next writes get pages just freed,
+    and the disk writes while the CPU computes. The data written is the same either way (these calls only move it to
+    the disk sooner); where ``sync_file_range`` or ``posix_fadvise`` is missing, or the file system refuses them,
+    the file is written through the page cache as usual.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.enabled = _SYNC_FILE_RANGE is not None and hasattr(os, "posix_fadvise")
+        self.pending: list[tuple[int, int]] = []  # written, not yet handed to the disk
+        self.pending_bytes = 0
+        self.in_flight: list[tuple[int, int]] = []  # handed to the disk at the previous window
+
+    def wrote(self, start: int, end: int) -> None:
+        """Record that bytes ``start`` to ``end`` of the file were just written."""
+        if not self.enabled or end <= start:
+            return
+        if self.pending and self.pending[-1][1] == start:
+            self.pending[-1] = (self.pending[-1][0], end)
+        else:
+            self.pending.append((start, end))
+        self.pending_bytes += end - start
+        if self.pending_bytes >= WRITE_BACK_BYTES:
+            self._next_window()
+
+    def _next_window(self) -> None:
+        try:
+            for start, end in self.in_flight:
+                _sync_range(self.fd, start, end, _SYNC_WAIT_BEFORE | _SYNC_WRITE | _SYNC_WAIT_AFTER)
+                os.posix_fadvise(self.fd, start, end - start, os.POSIX_FADV_DONTNEED)
+            for start, end in self.pending:
+                _sync_range(self.fd, start, end, _SYNC_WRITE)
+        except OSError as exc:  # a file system without them: the page cache writes the file back as usual
+            logger.debug("write-back off for descriptor %d: %s", self.fd, exc)
+            self.enabled = False
+        self.in_flight, self.pending, self.pending_bytes = self.pending, [], 0
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range`` (Linux), or None where the C library has none."""
+    name = ctypes.util.find_library("c")
+    try:
+        function = ctypes.CDLL(name, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], function)
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_WAIT_BEFORE, _SYNC_WRITE, _SYNC_WAIT_AFTER = 1, 2, 4  # <linux/fs.h>
+
+
+def _sync_range(fd: int, start: int, end: int, flags: int) -> None:
+    if _SYNC_FILE_RANGE is None or _SYNC_FILE_RANGE(fd, start, end - start, flags) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> int:
