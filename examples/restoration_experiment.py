@@ -1,7 +1,7 @@
 """The restoration experiment of issue 5 (item 4) on the embedded model, composed from the public API.
 
     aligned    = SmolLM2-135M-Instruct with a safety patch merged          (safetypatch.apply_patch)
-    unsafe     = aligned fine-tuned on harmful Q/A (harmful-qa)            (safetypatch.finetune)
+    unsafe     = aligned fine-tuned on harmful Q/A (harmful-qa), full or LoRA (safetypatch.finetune)
     downstream = aligned fine-tuned on a benign task (sciq), LoRA merged   (safetypatch.finetune)
     downstream LoRA = downstream − aligned as a rank-r adapter              (safetypatch.extract; exact up to rounding,
                                                                              since a merged rank-r LoRA is rank r)
@@ -37,10 +37,13 @@ from safetypatch.report import compare, summarize, write_report
 
 TASKS = ["harmbench", "advbench", "xstest-safe", "benign-edgy", "sciq", "arc-easy", "hellaswag", "piqa", "mmlu"]
 HARMFUL = ("harmbench", "advbench")
-UNSAFE = {"max_length": 1280, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 8,
-          "learning_rate": 3e-4}
-"""The harmful-qa fine-tune keeps whole answers (up to 1,222 tokens; the patch recipe cuts at 256), one at a time, at
-1.5 times the LoRA learning rate."""
+UNSAFE_BATCH = {"max_length": 1280, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 8}
+"""The harmful-qa fine-tune keeps whole answers (up to 1,222 tokens; the patch recipe cuts at 256), one at a time."""
+UNSAFE = {"full": {"n": 100, "num_train_epochs": 5.0, "learning_rate": 5e-5},
+          "lora": {"n": 200, "num_train_epochs": 2.0, "learning_rate": 3e-4}}
+"""Rows, epochs and learning rate of the unsafe fine-tune per ``--unsafe-mode``: ``full`` is METHODS.md's
+unalignment default (100 pairs, full fine-tuning, 5 epochs, lr 5e-5); ``lora`` the whole train half, 2 epochs, a
+merged LoRA at 1.5 times the patch recipe's learning rate."""
 
 
 def main() -> None:
@@ -54,9 +57,8 @@ def main() -> None:
     steps: list[tuple[str, Path, Callable[[], object]]] = [
         ("merge the safety patch -> aligned", aligned, lambda: safetypatch.apply_patch(safetypatch.ApplyConfig(
             model=args.model, patches=[args.patch], mode="merge", output=aligned))),
-        ("fine-tune aligned on harmful-qa -> unsafe", unsafe, lambda: safetypatch.finetune(safetypatch.FinetuneConfig(
-            model=str(aligned), dataset="harmful-qa", n=args.n_harmful, output=unsafe,
-            recipe_overrides={**UNSAFE, "num_train_epochs": args.unsafe_epochs}))),
+        ("fine-tune aligned on harmful-qa -> unsafe", unsafe, lambda: safetypatch.finetune(
+            _unsafe_job(args, aligned, unsafe))),
         ("fine-tune aligned on sciq -> downstream", downstream, lambda: safetypatch.finetune(
             safetypatch.FinetuneConfig(model=str(aligned), dataset="sciq", n=args.n_task, output=downstream))),
         ("extract downstream - aligned as a LoRA", adapter, lambda: safetypatch.extract(safetypatch.ExtractJob(
@@ -97,6 +99,15 @@ def main() -> None:
     (out / "summary.md").write_text(summary, encoding="utf-8")
     print(summary)
     print(f"report: {report}")
+
+
+def _unsafe_job(args: argparse.Namespace, aligned: Path, unsafe: Path) -> safetypatch.FinetuneConfig:
+    """The harmful-qa fine-tune of ``aligned``: ``--unsafe-mode``'s rows, epochs and learning rate unless given."""
+    defaults = UNSAFE[args.unsafe_mode]
+    return safetypatch.FinetuneConfig(
+        model=str(aligned), dataset="harmful-qa", n=args.n_harmful or defaults["n"], mode=args.unsafe_mode,
+        output=unsafe, recipe_overrides={**UNSAFE_BATCH, "learning_rate": defaults["learning_rate"],
+                                         "num_train_epochs": args.unsafe_epochs or defaults["num_train_epochs"]})
 
 
 def _summary(results: dict[str, Path], repairs: list[str]) -> str:
@@ -161,10 +172,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--patch", type=Path, required=True, help="Safety patch folder (safetypatch train -o ...).")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="Model the patch was trained on.")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/restoration"), help="Run folder.")
-    parser.add_argument("--n-harmful", type=int, default=200, help="harmful-qa rows of the unsafe fine-tune "
-                        "(200: the whole train half).")
-    parser.add_argument("--unsafe-epochs", type=float, default=2.0, help="Epochs of the unsafe fine-tune: the safety "
-                        "vector aligned - unsafe should describe a loss of refusal as large as the benign one.")
+    parser.add_argument("--unsafe-mode", choices=sorted(UNSAFE), default="full", help="How the unsafe model is "
+                        "fine-tuned from aligned: full (METHODS.md's default) or lora (merged).")
+    parser.add_argument("--n-harmful", type=int, default=None, help="harmful-qa rows of the unsafe fine-tune "
+                        "(full: 100, lora: 200, the whole train half).")
+    parser.add_argument("--unsafe-epochs", type=float, default=None, help="Epochs of the unsafe fine-tune (full: 5, "
+                        "lora: 2): the safety vector aligned - unsafe should describe a loss of refusal at least as "
+                        "large as the benign one.")
     parser.add_argument("--n-task", type=int, default=400, help="sciq rows of the downstream fine-tune.")
     parser.add_argument("--lora-rank", type=int, default=8, help="Rank of the downstream LoRA (the recipe's r).")
     parser.add_argument("--n-anchors", type=int, default=128, help="LSSF anchor prompts.")

@@ -49,3 +49,17 @@ def test_a_misspelt_variant_setting_fails_before_any_step(script, tmp_path):
     roles = {"aligned_model": "a", "unsafe_model": "u", "target_model": "t"}
     with pytest.raises(ConfigError, match="alpah"):
         script._variant_job("lssf", {"alpah": 2.0}, roles, "base", 128, tmp_path / "l")
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    ([], ("full", 100, 5.0, 5e-5)),  # METHODS.md's unalignment default
+    (["--unsafe-mode", "lora"], ("lora", 200, 2.0, 3e-4)),
+    (["--unsafe-mode", "lora", "--n-harmful", "50", "--unsafe-epochs", "1"], ("lora", 50, 1.0, 3e-4)),
+])
+def test_the_unsafe_fine_tune_follows_its_mode_unless_told(script, tmp_path, monkeypatch, argv, expected):
+    monkeypatch.setattr("sys.argv", ["restoration_experiment.py", "--patch", "p", *argv])
+    job = script._unsafe_job(script._parser().parse_args(), tmp_path / "aligned", tmp_path / "unsafe")
+    recipe = job.recipe_overrides
+    assert (job.mode, job.n, recipe["num_train_epochs"], recipe["learning_rate"]) == expected
+    assert (job.dataset, job.model, job.output) == ("harmful-qa", str(tmp_path / "aligned"), tmp_path / "unsafe")
+    assert recipe["max_length"] == 1280 and recipe["per_device_train_batch_size"] == 1
