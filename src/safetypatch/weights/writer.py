@@ -301,7 +301,7 @@ class _WriteBack:
 
     Writing a checkpoint through the page cache takes a fresh page for every 4 KiB of output and leaves all of it
     dirty until the kernel writes it back, after the run. On a virtual machine a page the guest has not touched
-    recently costs a host fault (0.3-0.5 GB/s on the 2-core CI machine, ``docs/performance.md``), and the output
+    recently costs a host fault (0.3-0.8 GB/s on the 2-core CI machine, ``docs/performance.md``), and the output
     competes with the inputs for the page cache. So every ``WRITE_BACK_BYTES`` of new data, the pages of that window
     are handed to the disk (``sync_file_range(WRITE)``, which returns at once), and those of the window before it are
     waited for and dropped from the page cache (``posix_fadvise(DONTNEED)``): the next writes get pages just freed,
