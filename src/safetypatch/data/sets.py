@@ -56,12 +56,12 @@ _PYRIT_CITATION = (
 )
 
 
-def _own_benign_set(name: str, filename: str, rows: int, description: str) -> DatasetSpec:
+def _own_benign_set(name: str, filename: str, rows: int, description: str, dev_rows: int = 0) -> DatasetSpec:
     """One of this project's own benign retain sets, packaged under ``data/builtin`` (docs/data.md)."""
     return DatasetSpec(
         name=name, description=description, role="benign", licence="Apache-2.0",
         citation=f"safetypatch contributors, src/safetypatch/data/builtin/{filename}",
-        offline=PackagedFile(filename), rows=rows, mapper=mappers.everyday_request,
+        offline=PackagedFile(filename), rows=rows, mapper=mappers.everyday_request, dev_rows=dev_rows,
     )
 
 
@@ -82,6 +82,7 @@ SPECS: tuple[DatasetSpec, ...] = (
             ),
         ),
         rows=400,
+        dev_rows=40,
         mapper=mappers.harmbench,
         hub=HubRef("walledai/HarmBench", "train", ("standard", "contextual", "copyright")),
     ),
@@ -94,6 +95,7 @@ SPECS: tuple[DatasetSpec, ...] = (
         "arXiv:2307.15043",
         offline=WheelFiles(PYRIT_WHEEL, ("pyrit/datasets/seed_datasets/local/adv_bench.prompt",)),
         rows=520,
+        dev_rows=40,
         mapper=mappers.advbench,
         hub=HubRef("walledai/AdvBench", "train"),
     ),
@@ -107,6 +109,7 @@ SPECS: tuple[DatasetSpec, ...] = (
         rows=313,
         mapper=mappers.strongreject,
         hub=HubRef("walledai/StrongREJECT", "train"),
+        out_of_family=True,
     ),
     DatasetSpec(
         name="donotanswer",
@@ -143,6 +146,7 @@ SPECS: tuple[DatasetSpec, ...] = (
         rows=250,
         mapper=partial(mappers.xstest, label="safe"),
         hub=HubRef("walledai/XSTest", "test"),
+        out_of_family=True,
     ),
     DatasetSpec(
         name="xstest-unsafe",
@@ -170,6 +174,7 @@ SPECS: tuple[DatasetSpec, ...] = (
             ),
         ),
         rows=150,
+        dev_rows=20,
         mapper=mappers.benign_edgy,
     ),
     DatasetSpec(
@@ -187,7 +192,7 @@ SPECS: tuple[DatasetSpec, ...] = (
         "everyday-requests", "everyday_requests.jsonl", 640,
         "safetypatch's own benign requests in the frames and words a badly aligned patch mistakes for harm: everyday "
         "how-to, technical kill/execute/attack, idioms, safe targets, fiction and sport, definitions, public facts, "
-        "absurd questions (640; retain data for patches).",
+        "absurd questions (640; retain data for patches).", dev_rows=40,
     ),
     _own_benign_set(
         "public-knowledge", "public_knowledge.jsonl", 239,
@@ -245,6 +250,7 @@ SPECS: tuple[DatasetSpec, ...] = (
         rows=666,
         mapper=mappers.jailbreak_template,
         hub=HubRef("TrustAIRLab/in-the-wild-jailbreak-prompts", "train", ("jailbreak_2023_05_07",)),
+        out_of_family=True,
     ),
     DatasetSpec(
         name="arc-easy",

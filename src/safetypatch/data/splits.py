@@ -122,6 +122,40 @@ def canonical_split(ds: Dataset) -> Split:
     return split_dataset(ds, eval_fraction=CANONICAL_EVAL_FRACTION, seed=CANONICAL_SEED)
 
 
+DEVELOPMENT_SEED = 1
+
+
+def training_split(ds: Dataset, n_dev: int = 0) -> Split:
+    """The canonical split with ``n_dev`` development rows carved out of its train half: what patch training reads.
+
+    Recipes are chosen on development rows (``split: dev`` tasks), never on evaluation halves; training never sees
+    them either. The dev rows are ``split_dataset(train half, n_eval=n_dev, seed=1)``'s eval side.
+
+    Args:
+        ds: a catalog dataset.
+        n_dev: development rows to hold back (the catalog's ``dev_rows``; 0 keeps the whole train half).
+
+    Returns:
+        A :class:`Split` whose ``train`` is the train half less the development rows and whose ``eval`` is the
+        canonical evaluation half.
+    """
+    canonical = canonical_split(ds)
+    if n_dev == 0:
+        return canonical
+    train = _subset(ds, "train", development_split(ds, n_dev).train.rows)
+    return Split(train=train, eval=canonical.eval, seed=canonical.seed, train_sha256=train.sha256,
+                 eval_sha256=canonical.eval_sha256)
+
+
+def development_split(ds: Dataset, n_dev: int) -> Split:
+    """The canonical train half split again: ``eval`` = its ``n_dev`` development rows, ``train`` = the rest.
+
+    Raises:
+        ConfigError: ``n_dev`` leaves a side of the train half empty.
+    """
+    return split_dataset(canonical_split(ds).train, n_eval=n_dev, seed=DEVELOPMENT_SEED)
+
+
 def _eval_size(total: int, n_eval: int | None, eval_fraction: float | None) -> int:
     if (n_eval is None) == (eval_fraction is None):
         raise ConfigError("give exactly one of n_eval and eval_fraction.")
