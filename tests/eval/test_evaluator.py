@@ -26,7 +26,7 @@ def _plan(tasks, **limits):
 def test_every_task_file_and_preset_is_valid():
     assert {"harmbench", "xstest-safe", "arc-easy", "piqa", "hellaswag", "mmlu", "gsm8k", "arith", "sciq",
             "drift"} <= set(TASKS)
-    for name in ("demo", "quick", "standard", "generalization", "full"):
+    for name in ("demo", "quick", "standard", "generalization", "dev", "full"):
         preset = load_preset(name)
         assert set(preset.tasks) <= set(TASKS)
         assert set(preset.limits) <= set(preset.tasks)
@@ -42,6 +42,15 @@ def test_the_generalization_tasks_read_the_held_out_halves():
         "contrast-harmful": 75, "contrast-benign": 75, "everyday-requests": 320, "public-knowledge": 120}
     assert (TASKS.get("contrast-harmful").kind, TASKS.get("contrast-benign").kind) == ("refusal", "over_refusal")
     assert len({r.data_sha256 for r in rows.values()}) == 4
+
+
+def test_the_generalization_preset_puts_each_harmful_and_benign_family_side_by_side():
+    """In-family and out-of-family tasks of both kinds, and the dev preset reads development rows only."""
+    tasks = [TASKS.get(name) for name in load_preset("generalization").tasks]
+    kinds = {(t.family, t.kind) for t in tasks if t.kind in ("refusal", "over_refusal", "jailbreak")}
+    assert {("in", "refusal"), ("in", "over_refusal"), ("out", "refusal"), ("out", "over_refusal"),
+            ("out", "jailbreak")} == kinds
+    assert {TASKS.get(name).family for name in load_preset("dev").tasks} == {"dev"}
 
 
 def test_task_rows_are_seeded_held_out_and_hashed():

@@ -11,7 +11,7 @@ from safetypatch.eval.metrics import MetricValue
 from safetypatch.eval.results import ResultsBuilder, read_results
 from safetypatch.report.summary import summarize
 from safetypatch.report.tables import Z95, compare, run_labels
-from tests.report.conftest import JUDGE, make_builder, rate
+from tests.report.conftest import JUDGE, TS, make_builder, rate
 
 
 def _read(paths):
@@ -132,3 +132,21 @@ def test_labels_and_conflicts(before_after, write_results):
         compare([base, read_results(write_results(flipped, "flipped"))])
     patched = make_builder("org/base", 0.5, 0.5, 0.5, adapter={"name": "my-patch", "path": "/x/y"})
     assert run_labels([read_results(write_results(patched, "named"))]) == ("org/base + my-patch",)
+
+
+def test_summary_splits_in_family_development_and_out_of_family_tasks(tmp_path):
+    """Each safety family averages only the tasks of its held-out kind (the task config's family; none = in)."""
+    builder = ResultsBuilder("org/split", device="cpu")
+    for task, family, metric, value in (
+            ("harmbench", "in", "refusal_rate", 0.875), ("advbench", None, "refusal_rate", 0.625),
+            ("strongreject", "out", "refusal_rate", 0.25), ("advbench-future", "out", "refusal_rate", 0.5),
+            ("harmbench-dev", "dev", "refusal_rate", 1.0), ("benign-edgy", "in", "over_refusal_rate", 0.125),
+            ("xstest-safe", "out", "over_refusal_rate", 0.5)):
+        builder.add_task(task, version=1, n_samples=40, config={"family": family} if family else {})
+        builder.add_metric(task, metric, JUDGE, rate(value, 40), metric == "refusal_rate")
+    (run,) = summarize(compare([read_results(builder.write(tmp_path, "split", timestamp=TS))])).runs
+    assert (run.harmful_refusal.value, run.harmful_refusal_out.value, run.harmful_refusal_dev.value) == (
+        0.75, 0.375, 1.0)
+    assert run.harmful_refusal_out.sources == (("advbench-future", "refusal_rate"), ("strongreject", "refusal_rate"))
+    assert (run.over_refusal.value, run.over_refusal_out.value, run.over_refusal_dev) == (0.125, 0.5, None)
+    assert "refusal, out-of-family 37.5%" in run.sentence()

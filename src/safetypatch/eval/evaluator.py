@@ -114,7 +114,8 @@ def run_tasks(subject: ModelUnderTest, plan: EvalPlan, builder: ResultsBuilder,
 
 def _add_task(builder: ResultsBuilder, spec: TaskSpec, rows: TaskRows, **config: Any) -> None:
     builder.add_task(spec.name, version=spec.version, n_samples=len(rows.rows), n_original=rows.n_original,
-                     config={"dataset": spec.dataset, "kind": spec.kind, "split": spec.split, **config})
+                     config={"dataset": spec.dataset, "kind": spec.kind, "split": spec.split, "family": spec.family,
+                             **({"form": spec.form} if spec.form else {}), **config})
 
 
 def _generate(subject: ModelUnderTest, spec: TaskSpec, prompts: Sequence[str], plan: EvalPlan,

@@ -13,11 +13,15 @@ import yaml
 from pydantic import Field, ValidationError
 
 from safetypatch.config import StrictConfig
-from safetypatch.data import Dataset, Example, canonical_split, load_dataset
+from safetypatch.data import Dataset, Example, canonical_split, development_split, load_dataset
+from safetypatch.data.catalog import dev_row_count
+from safetypatch.data.forms import FORMS, reformulate
+from safetypatch.data.sets import DATASETS
 from safetypatch.errors import ConfigError
 from safetypatch.registry import Registry
 
 C = TypeVar("C", bound=StrictConfig)
+Family = Literal["in", "dev", "out"]
 TaskKind = Literal["refusal", "over_refusal", "jailbreak", "multiple_choice", "gsm8k", "short_answer", "drift"]
 
 
@@ -28,13 +32,28 @@ class TaskSpec(StrictConfig):
     dataset: str = Field(description="Catalog dataset the rows come from.")
     kind: TaskKind = Field(
         description="What is measured: refusal, over-refusal, jailbreak, MC, gsm8k, short_answer or drift.")
-    split: Literal["eval", "all"] = Field(description="eval: held-out half of the canonical split; all: every row.")
+    split: Literal["eval", "dev", "all"] = Field(
+        description="eval: held-out half of the canonical split; dev: the development rows carved from the train half "
+                    "(recipe choices); all: every row.")
     version: int = Field(description="Bumped whenever prompts, formatting or scoring change.")
     description: str = Field(description="One line for `safetypatch ls tasks`.")
     templates: str | None = Field(None, description="Jailbreak: dataset of templates wrapped around each prompt.")
     placeholder: str | None = Field(None, description="Jailbreak: the template's prompt placeholder.")
     max_template_chars: int | None = Field(None, description="Jailbreak: longest template used (CPU budget).")
     max_new_tokens: int | None = Field(None, description="Generation length for this task (overrides the run's).")
+    form: str | None = Field(None, description="Prompt form every row is rewritten into (data.forms), e.g. future.")
+
+    @property
+    def family(self) -> Family:
+        """Which held-out data the task reads (docs/generalization.md): ``out`` (out-of-family) when no training
+        recipe may use what it measures (its dataset or templates are evaluation-only in the catalog, or its form is
+        a held-out form); ``dev`` for development rows, which recipes are chosen on; ``in`` for the evaluation half
+        of a set recipes train on."""
+        datasets = [self.dataset, *([self.templates] if self.templates else [])]
+        held_out = any(name in DATASETS and DATASETS.get(name).out_of_family for name in datasets)
+        if held_out or (self.form is not None and FORMS.get(self.form).family == "held_out"):
+            return "out"
+        return "dev" if self.split == "dev" else "in"
 
 
 def _read_yaml(cls: type[C], entry: Traversable) -> C:
@@ -53,6 +72,9 @@ def _load_tasks() -> Registry[TaskSpec]:
         spec = _read_yaml(TaskSpec, entry)
         if spec.name != entry.name.removesuffix(".yaml"):
             raise ConfigError(f"task file {entry.name} declares name {spec.name!r}; the name must be the file stem.")
+        if spec.split == "dev" and spec.family != "dev":
+            raise ConfigError(f"task file {entry.name}: development rows are for recipe choices, so a dev task may "
+                              "not read an out-of-family set or a held-out form.")
         registry.register(spec.name, spec)
     return registry
 
@@ -84,7 +106,10 @@ def task_rows(spec: TaskSpec, limit: int | None = None, seed: int = 0) -> TaskRo
         ConfigError: ``limit`` is not positive.
     """
     dataset = load_dataset(spec.dataset)
-    pool = canonical_split(dataset).eval if spec.split == "eval" else dataset
+    if spec.split == "dev":
+        pool = development_split(dataset, _dev_rows(spec)).eval
+    else:
+        pool = canonical_split(dataset).eval if spec.split == "eval" else dataset
     rows = list(pool.rows)
     if limit is not None:
         if limit <= 0:
@@ -92,10 +117,20 @@ def task_rows(spec: TaskSpec, limit: int | None = None, seed: int = 0) -> TaskRo
         if limit < len(rows):
             rows = sorted(random.Random(seed).sample(range(len(rows)), limit))
             rows = [pool.rows[i] for i in rows]
+    if spec.form is not None:
+        rows = reformulate(rows, spec.form, seed)
     if spec.kind == "jailbreak":
         rows = _wrap_in_templates(spec, rows, seed)
     evaluated = Dataset(spec.name, tuple(rows), pool.source, pool.licence, pool.citation)
     return TaskRows(evaluated.rows, len(pool), evaluated.sha256, pool.source)
+
+
+def _dev_rows(spec: TaskSpec) -> int:
+    n = dev_row_count(spec.dataset)
+    if n == 0:
+        raise ConfigError(f"task {spec.name} reads development rows of {spec.dataset!r}, of which the catalog carves "
+                          "none (DatasetSpec.dev_rows); use split: eval or give the set dev_rows.")
+    return n
 
 
 def _wrap_in_templates(spec: TaskSpec, rows: list[Example], seed: int) -> list[Example]:

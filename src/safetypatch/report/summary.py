@@ -81,6 +81,10 @@ class RunSummary:
     label: str
     harmful_refusal: SummaryValue | None
     over_refusal: SummaryValue | None
+    harmful_refusal_out: SummaryValue | None
+    over_refusal_out: SummaryValue | None
+    harmful_refusal_dev: SummaryValue | None
+    over_refusal_dev: SummaryValue | None
     capability: SummaryValue | None
     exact_match: SummaryValue | None
     empty: SummaryValue | None
@@ -94,7 +98,8 @@ class RunSummary:
                  _phrase(self.over_refusal, "over-refuses {} of benign ones", "over-refusal"),
                  _phrase(self.capability, "capability {}", "capability")]
         parts += [_phrase(value, f"{FAMILY[key].title} {{}} {FAMILY[key].unit}".rstrip(), "")
-                  for key in ("exact_match", "empty", "kl", "nll_delta") if (value := getattr(self, key)) is not None]
+                  for key in ("harmful_refusal_out", "over_refusal_out", "harmful_refusal_dev", "over_refusal_dev",
+                              "exact_match", "empty", "kl", "nll_delta") if (value := getattr(self, key)) is not None]
         return f"{self.label}: {', '.join(parts)}."
 
 

@@ -35,12 +35,16 @@ class Family:
         title: column heading.
         metrics: metric keys in order of preference; per task the first one present is used.
         unit: unit of a value that is not a percentage.
+        held_out: which tasks count, by the held-out data they read (the task config's ``family``: ``in`` for
+            evaluation halves of sets recipes train on, ``dev`` for development rows, ``out`` for out-of-family
+            data; a task without one counts as ``in``); None: every task.
     """
 
     key: str
     title: str
     metrics: tuple[str, ...]
     unit: str = ""
+    held_out: str | None = None
 
     @property
     def heading(self) -> str:
@@ -49,8 +53,12 @@ class Family:
 
 
 FAMILIES = (
-    Family("harmful_refusal", "refusal on harmful prompts", ("refusal_rate",)),
-    Family("over_refusal", "over-refusal on benign prompts", ("over_refusal_rate",)),
+    Family("harmful_refusal", "refusal on harmful prompts", ("refusal_rate",), held_out="in"),
+    Family("over_refusal", "over-refusal on benign prompts", ("over_refusal_rate",), held_out="in"),
+    Family("harmful_refusal_out", "refusal, out-of-family", ("refusal_rate",), held_out="out"),
+    Family("over_refusal_out", "over-refusal, out-of-family", ("over_refusal_rate",), held_out="out"),
+    Family("harmful_refusal_dev", "refusal, development rows", ("refusal_rate",), held_out="dev"),
+    Family("over_refusal_dev", "over-refusal, development rows", ("over_refusal_rate",), held_out="dev"),
     Family("capability", "capability (multiple choice)", ("acc_norm", "acc")),
     Family("exact_match", "exact match", ("exact_match",)),
     Family("empty", "empty answers", ("empty_rate",)),
@@ -132,6 +140,7 @@ class Row:
         higher_is_better: the metric's direction.
         cells: one per run, ``None`` where the run lacks the metric.
         top_level: false for an lm-eval group's subtask (left out of summaries and plots).
+        held_out: the held-out data the task reads (``in``, ``dev`` or ``out``; see ``Family.held_out``).
     """
 
     task: str
@@ -140,6 +149,7 @@ class Row:
     higher_is_better: bool
     cells: tuple[Cell | None, ...]
     top_level: bool = True
+    held_out: str = "in"
 
     @property
     def arrow(self) -> str:
@@ -179,10 +189,10 @@ class ComparisonTable:
 
     def family_rows(self, family: str) -> tuple[Row, ...]:
         """Top-level rows of a ``FAMILIES`` key: per task, every filter of the first preferred metric present."""
-        preference = FAMILY[family].metrics
+        preference, held_out = FAMILY[family].metrics, FAMILY[family].held_out
         chosen: dict[str, str] = {}
         for row in self.rows:
-            if row.top_level and row.metric in preference:
+            if row.top_level and row.metric in preference and held_out in (None, row.held_out):
                 best = chosen.get(row.task, row.metric)
                 chosen[row.task] = min(best, row.metric, key=preference.index)
         return tuple(row for row in self.rows if chosen.get(row.task) == row.metric and row.top_level)
@@ -249,8 +259,10 @@ def compare(results: Sequence[Results], labels: Sequence[str] | None = None) -> 
     names = run_labels(results, labels)
     directions: dict[tuple[str, str], tuple[bool, Path]] = {}
     values: dict[tuple[str, str, str], dict[int, MetricValue]] = {}
+    held_out: dict[str, str] = {}
     for i, run in enumerate(results):
         for task in run.tasks():
+            held_out.setdefault(task, str(run.data["configs"].get(task, {}).get("family") or "in"))
             hib = run.data["higher_is_better"][task]
             for key in run.data["results"][task]:
                 metric, _, filt = key.partition(",")
@@ -262,7 +274,7 @@ def compare(results: Sequence[Results], labels: Sequence[str] | None = None) -> 
                                     f"says {known}; compare results of the same task version.")
                 values.setdefault((task, metric, filt), {})[i] = run.metric(task, metric, filt)
     subtasks = set().union(*(_subtasks(run) for run in results))
-    rows = [_row(key, directions[key[:2]][0], found, len(results), key[0] not in subtasks)
+    rows = [_row(key, directions[key[:2]][0], found, len(results), key[0] not in subtasks, held_out[key[0]])
             for key, found in values.items()]
     return ComparisonTable(names, tuple(sorted(rows, key=_row_order)))
 
@@ -287,7 +299,8 @@ def _interval(value: MetricValue) -> tuple[float, float] | None:
     return None
 
 
-def _row(key: tuple[str, str, str], higher: bool, found: dict[int, MetricValue], n_runs: int, top: bool) -> Row:
+def _row(key: tuple[str, str, str], higher: bool, found: dict[int, MetricValue], n_runs: int, top: bool,
+         held_out: str) -> Row:
     task, metric, filt = key
     percent = metric in PERCENT_METRICS
     first = found.get(0)
@@ -296,7 +309,7 @@ def _row(key: tuple[str, str, str], higher: bool, found: dict[int, MetricValue],
         else Cell(v, _interval(v), None if i == 0 or first is None else v.value - first.value, percent)
         for i in range(n_runs)
     )
-    return Row(task, metric, filt, higher, cells, top)
+    return Row(task, metric, filt, higher, cells, top, held_out)
 
 
 def _row_order(row: Row) -> tuple[int, str, str, str]:
