@@ -81,7 +81,7 @@ def test_train_patch_writes_a_verified_patch_that_evaluates(tmp_path, tiny_model
     assert manifest["extra"]["harmful_categories_used"] == {}
     assert manifest["method"] == "refusal_sft" and manifest["training"]["steps"] == 2
     assert {d["name"] for d in manifest["data"]} == {
-        "harmbench", "advbench", "xstest-safe", "everyday-requests", "public-knowledge", "contrast-benign",
+        "harmbench", "advbench", "everyday-requests", "public-knowledge", "contrast-benign",
         "benign-edgy", "chat"}
     assert "ngram13_eval_prompts" in manifest["contamination"]
     assert manifest["base_model"]["fingerprint"] == load_model(str(tiny_model_dirs["llama"])).fingerprint.sha256

@@ -44,7 +44,7 @@ def test_cli_train_full_writes_a_loadable_model_folder_that_evaluates(tmp_path, 
     assert manifest["base_model"]["arch"]["model_type"] == "llama"
     assert manifest["training"]["steps"] == 2 and len(manifest["training"]["loss_history"]) == 2
     assert {d["name"] for d in manifest["data"]} == {
-        "harmbench", "advbench", "xstest-safe", "everyday-requests", "public-knowledge", "contrast-benign",
+        "harmbench", "advbench", "everyday-requests", "public-knowledge", "contrast-benign",
         "benign-edgy", "chat"}
     assert all(len(d["sha256"]) == 64 for d in manifest["data"])
     assert manifest["extra"]["train_config"]["full"] is True

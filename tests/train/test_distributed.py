@@ -48,7 +48,7 @@ from tests.tiny import build_tiny_model
 SRC = Path(__file__).resolve().parents[2] / "src"
 # 12 refusals and 20 retain answers (two generation batches of 16, one per process), 4 steps of global batch 4, in
 # fp32: bf16 autocast (auto's choice on a CPU with native bf16) rounds differently when the batch shape changes.
-TRAIN_ARGS = ["train", "--harmful", "harmbench", "--n-harmful", "12", "--retain", "xstest-safe",
+TRAIN_ARGS = ["train", "--harmful", "harmbench", "--n-harmful", "12", "--retain", "everyday-requests",
               "--retain-max-new-tokens", "8"]
 RECIPE = "retain_count=20,max_steps=4,lora_dropout=0,learning_rate=1e-3,precision=fp32"
 LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

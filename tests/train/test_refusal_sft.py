@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from peft import get_peft_model
 
 from safetypatch.data import Example
+from safetypatch.errors import ConfigError
 from safetypatch.patch.apply import attach_patch
 from safetypatch.patch.artifact import PatchManifest, save_patch
 from safetypatch.patch.factors import patch_from_peft
@@ -310,3 +311,85 @@ def test_f_overfit_four_refusals_and_stop_at_eot(tmp_path):
             out = peft.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                 max_new_tokens=sum(ex.completion_mask) + 5, eos_token_id=EOT, pad_token_id=PAD)
         assert out[0, n_prompt:].tolist() == list(ex.input_ids[n_prompt:])  # the refusal, ending with the EOT
+
+
+def test_distilled_examples_take_kl_from_the_teacher_instead_of_cross_entropy():
+    """At every supervised position of a flagged example the loss is KL(teacher ‖ model) over the vocabulary; other
+    examples keep their cross-entropy; a teacher equal to the model gives zero there."""
+    model, tok = build_tiny_model("llama")
+    pairs = [SFTExample("a", "No, not that one.", "refusal"), SFTExample("b", "Sure, here it is.", "retain"),
+             SFTExample("c", "Here you go.", "retain")]
+    _, inputs, labels = padded_batch(tok, pairs)
+    flags = torch.tensor([False, True, False])
+    mask = labels[:, 1:] != -100
+    with torch.no_grad():
+        logits = model(**inputs).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="none")
+        teacher = torch.randn(int(mask[1].sum()), logits.shape[-1]) * 3
+        log_t, log_s = teacher.log_softmax(-1), logits[1][mask[1]].log_softmax(-1)
+        kl = float((log_t.exp() * (log_t - log_s)).sum())
+        expected = (float(nll[0].sum() + nll[2].sum()) + kl) / int(mask.sum())
+        distilled, n = completion_loss(model, dict(inputs), labels, distill=flags, teacher_logits=teacher)
+        itself, _ = completion_loss(model, dict(inputs), labels, distill=flags, teacher_logits=logits[1][mask[1]])
+        with pytest.raises(ValueError, match="teacher_logits"):
+            completion_loss(model, dict(inputs), labels, distill=flags)
+    assert n == int(mask.sum()) and float(distilled) == pytest.approx(expected, rel=1e-5)
+    assert float(itself) == pytest.approx(float(nll[0].sum() + nll[2].sum()) / n, rel=1e-5, abs=1e-6)
+
+
+def test_retain_kl_distils_from_the_model_with_its_adapter_off(tmp_path):
+    """The trainer's teacher is the unpatched model (the LoRA adapter switched off), at the supervised positions of
+    the retain rows only, and its loss is completion_loss with that teacher."""
+    pairs = [*build_refusal_examples([Example(prompt=p, category=c) for p, c in zip(PROMPTS, CATEGORIES,
+                                                                                    strict=True)]),
+             SFTExample("what is 2 + 2", "The answer is 4.", "retain"),
+             SFTExample("name a colour", "Blue is a colour.", "retain")]
+    model, tok = build_tiny_model("llama")
+    base, _ = build_tiny_model("llama")
+    data = tokenize_examples(tok, pairs, max_length=256)
+    recipe = get_recipe("mou", precision="fp32", per_device_train_batch_size=8, retain_unlikelihood=0.0,
+                        retain_loss="kl")
+    trainer = make_trainer(model, tok, data, recipe, tmp_path)
+    assert trainer.train_dataset["distill"] == [False] * 4 + [True] * 2
+    with torch.no_grad():
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)  # a patch that changes the logits
+    batch = first_batch(trainer)
+    labels, distill = batch["labels"], batch["distill"].to(torch.bool)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    mask = labels[distill][:, 1:] != -100
+    with torch.no_grad():
+        teacher = trainer._teacher_logits(trainer.model, inputs, labels, batch["distill"])
+        expected = base(**{k: v[distill] for k, v in inputs.items()}).logits[:, :-1][mask]
+        patched = trainer.model(**{k: v[distill] for k, v in inputs.items()}).logits[:, :-1][mask]
+        assert torch.allclose(teacher, expected, atol=1e-5) and not torch.allclose(teacher, patched, atol=1e-2)
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        manual, _ = completion_loss(trainer.model, inputs, labels, batch["loss_weight"], distill=batch["distill"],
+                                    teacher_logits=expected, lead_tokens=4, lead_weight=3.0)
+    assert float(loss) == pytest.approx(float(manual), rel=1e-4)
+
+
+def test_retain_kl_alone_leaves_the_model_where_it_was(tmp_path):
+    """Retain examples only, distilled from the unpatched model: the loss starts at exactly zero and stays near it,
+    and the adapter's ΔW moves less than under cross-entropy on the same answers (Adam turns rounding-level gradients
+    into steps of a fraction of the learning rate, so not to zero)."""
+    pairs = [SFTExample("what is 2 + 2", "The answer is 4.", "retain"), SFTExample("name a colour", "Blue.", "retain")]
+    moved = {}
+    for loss in ("ce", "kl"):
+        model, tok = build_tiny_model("llama")
+        recipe = get_recipe("mou", max_steps=5, learning_rate=1e-2, precision="fp32", per_device_train_batch_size=2,
+                            retain_loss=loss, retain_unlikelihood=0.0)
+        result = train_refusal_patch(model, tok, tokenize_examples(tok, pairs, max_length=64), recipe, tmp_path / loss)
+        assert result.distilled_examples == (2 if loss == "kl" else 0)
+        factors = dict(result.model.named_parameters())
+        moved[loss] = max(float((factors[name] @ factors[name.replace("lora_B", "lora_A")]).abs().max())
+                          for name in factors if "lora_B" in name)
+        if loss == "kl":
+            assert result.loss_history[0][1] == 0.0 and all(value < 0.05 for _, value in result.loss_history)
+    assert moved["kl"] < 0.5 * moved["ce"]
+
+
+def test_retain_kl_needs_a_lora_adapter():
+    with pytest.raises(ConfigError, match=r"retain_loss='kl'.*adapter"):
+        get_recipe("mou", mode="full", retain_loss="kl")

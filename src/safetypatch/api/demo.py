@@ -29,7 +29,7 @@ STEPS = ("evaluate before", "train patch", "evaluate after", "report")
 STEP_MINUTES = {"evaluate before": 4, "train patch": 5, "evaluate after": 4, "report": 0}
 """Minutes each step took on 2 CPU cores without bf16, the embedded model and the defaults (shown as the plan)."""
 DEMO_N_HARMFUL = 40
-DEMO_HARMFUL = ["harmbench", "advbench", "strongreject", "xstest-unsafe", "contrast-harmful"]
+DEMO_HARMFUL = ["harmbench", "advbench", "xstest-unsafe", "contrast-harmful"]
 DEMO_BUDGET: dict[str, Any] = {"learning_rate": 4e-4, "retain_count": 160, "num_train_epochs": 1.0,
                                "retain_unlikelihood": 0.0}
 """The demo's patch under ``budget="demo"``: 40 prompts of each of :data:`DEMO_HARMFUL` and 160 retain prompts, one

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from safetypatch.api._progress import Progress
 from safetypatch.config import StrictConfig
 from safetypatch.data.catalog import load_dataset
+from safetypatch.data.forms import augment
 from safetypatch.errors import ConfigError
 from safetypatch.models.catalog import DEFAULT_MODEL
 from safetypatch.models.loading import LoadedModel, load_model
@@ -45,8 +46,9 @@ class TrainConfig(StrictConfig):
     full: bool = Field(False, description="Full-parameter Refusal-SFT, the baseline of Mou et al.: sets recipe "
                                           "mode=full and writes a complete model folder.")
     harmful: list[str] = Field(
-        ["harmbench", "advbench", "strongreject", "xstest-unsafe", "contrast-harmful", "donotanswer"],
-        description="Harmful sets (train halves), each prompt paired with a refusal (docs/patches.md).")
+        ["harmbench", "advbench", "xstest-unsafe", "contrast-harmful", "donotanswer"],
+        description="Harmful sets (train halves less their development rows), each prompt paired with a refusal "
+                    "(docs/patches.md); out-of-family sets are refused (docs/generalization.md).")
     n_harmful: int | None = Field(60, gt=0, description="Most harmful prompts per set.")
     n_per_set: dict[str, int | None] | None = Field(
         None, description="Harmful sets whose count replaces n_harmful, e.g. {harmbench: 150}. Unset: "
@@ -56,9 +58,16 @@ class TrainConfig(StrictConfig):
                           "{donotanswer: [malicious_uses, information_hazard]}; a category the set's train half lacks "
                           "is an error that lists the ones it has. Unset: DEFAULT_CATEGORIES.")
     retain: list[str] = Field(
-        ["xstest-safe", "everyday-requests", "public-knowledge", "contrast-benign", "benign-edgy", "chat"],
-        description="Benign sets (train halves) whose first recipe.retain_count prompts the model answers itself: "
-                    "look-alikes of harmful requests (docs/patches.md).")
+        ["everyday-requests", "public-knowledge", "contrast-benign", "benign-edgy", "chat"],
+        description="Benign sets (train halves less their development rows) whose first recipe.retain_count prompts "
+                    "the model answers itself: look-alikes of harmful requests (docs/patches.md); out-of-family sets "
+                    "are refused.")
+    harmful_forms: list[str] = Field(
+        [], description="Training forms (data.forms: question, past, hypothetical, roleplay) every harmful prompt is "
+                        "also rewritten into, each copy paired with a refusal (docs/generalization.md).")
+    retain_forms: list[str] = Field(
+        [], description="Training forms every kept retain prompt is also rewritten into: benign twins trained on the "
+                        "model's own answer to the original prompt.")
     retain_max_new_tokens: int = Field(32, gt=0, description="Length of the model's own retain answers; an answer "
                                                              "cut there is trained without the end-of-turn token.")
     retain_keep_refusals: bool = Field(False, description="Keep the retain answers in which the model refuses the "
@@ -75,6 +84,7 @@ class TrainConfig(StrictConfig):
             raise ConfigError(f"TrainConfig: full is true (CLI --full) but recipe_overrides sets mode="
                               f"{self.recipe_overrides['mode']!r} (CLI --set mode=...); drop one of them: full "
                               "trains every weight (mode=full).")
+        _check_trainable(self.harmful, self.retain, self.harmful_forms, self.retain_forms)
         unknown = sorted(set(self.n_per_set or ()) - set(self.harmful))
         if unknown:
             raise ConfigError(f"TrainConfig: n_per_set names {unknown}, which are not in harmful {self.harmful}; "
@@ -136,6 +146,30 @@ class TrainConfig(StrictConfig):
         from safetypatch.train.recipes import get_recipe
 
         return get_recipe(self.recipe, **{**self.recipe_overrides, **({"mode": "full"} if self.full else {})})
+
+
+def _check_trainable(harmful: list[str], retain: list[str], harmful_forms: list[str], retain_forms: list[str]) -> None:
+    """Out-of-family sets and held-out forms are for evaluation only (docs/generalization.md).
+
+    Raises:
+        ConfigError: naming the set or form, the option it came from and the sets or forms that may be used.
+    """
+    from safetypatch.data.forms import FORMS, form_names
+    from safetypatch.data.sets import DATASETS
+
+    for option, names in (("harmful", harmful), ("retain", retain)):
+        held = [name for name in names if name in DATASETS and DATASETS.get(name).out_of_family]
+        if held:
+            raise ConfigError(f"TrainConfig: {option} names {held}, which the catalog marks out-of-family: they "
+                              "measure generalisation to data no recipe trains on, so no patch may train on them "
+                              f"(docs/generalization.md). Drop them from {option} (CLI --{option}); a local file with "
+                              "your own rows is accepted.")
+    for option, forms in (("harmful_forms", harmful_forms), ("retain_forms", retain_forms)):
+        for form in forms:
+            if FORMS.get(form).family != "train":
+                raise ConfigError(f"TrainConfig: {option} names the form {form!r}, which is held out for "
+                                  "evaluation (out-of-family tasks read it); training forms: "
+                                  f"{', '.join(form_names('train'))}.")
 
 
 @dataclass(frozen=True)
@@ -211,17 +245,23 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
     unseen = _Unseen(held_out)
     harmful = [row for name, n in cfg.harmful_counts().items()
                for row in unseen.rows(cfg.harmful_rows(name, splits[name].train.rows))[:n]]
+    n_plain = len(harmful)
+    harmful += [replace(harmful[i], prompt=text)
+                for i, text in augment([row.prompt for row in harmful], cfg.harmful_forms, recipe.seed)]
     benign = [row.prompt for name in cfg.retain for row in unseen.rows(splits[name].train.rows)][: recipe.retain_count]
-    train_prompts = [row.prompt for row in harmful] + benign
+    twins = augment(benign, cfg.retain_forms, recipe.seed)
+    train_prompts = [row.prompt for row in harmful] + benign + [text for _, text in twins]
     check_no_overlap(train_prompts, held_out, what="patch training prompts vs evaluation splits")
     protocol = GenerationProtocol(max_new_tokens=cfg.retain_max_new_tokens, dtype=loaded.dtype, seed=recipe.seed)
     answers = _retain_answers(loaded, benign, protocol, progress)
+    kept = set(range(len(answers)))
     if not cfg.retain_keep_refusals:
-        refused = own_refusals([a.response for a in answers])
-        answers = [answer for answer, no in zip(answers, refused, strict=True) if not no]
+        kept = {i for i, refused in enumerate(own_refusals([a.response for a in answers])) if not refused}
+    retained = [(answers[i].prompt, answers[i]) for i in sorted(kept)]
+    retained += [(text, answers[i]) for i, text in twins if i in kept]  # twins of the kept answers
     examples = build_refusal_examples(harmful, seed=recipe.refusal_seed) + build_retain_examples(
-        [a.prompt for a in answers], [a.response for a in answers], weight=recipe.retain_weight,
-        ends_turn=[a.finish_reason == "eos" for a in answers])
+        [prompt for prompt, _ in retained], [a.response for _, a in retained], weight=recipe.retain_weight,
+        ends_turn=[a.finish_reason == "eos" for _, a in retained])
     tokenized = tokenize_examples(loaded.tokenizer, examples, max_length=recipe.max_length, think=recipe.think)
     examples_sha256 = sha256_json([[ex.input_ids, ex.completion_mask, ex.weight] for ex in tokenized])
     require_same_everywhere(examples_sha256, "the tokenised training examples")
@@ -240,12 +280,13 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
             training=result.to_dict(), extra={
                 "retain_protocol": protocol.to_dict(), "train_config": cfg.model_dump(mode="json"),
                 "harmful_categories_used": cfg.categories_used(), "examples_sha256": examples_sha256,
-                "retain_own_refusals_dropped": len(benign) - len(answers),
-                "retain_cut_at_max_new_tokens": sum(a.finish_reason == "length" for a in answers)},
+                "retain_own_refusals_dropped": len(benign) - len(kept),
+                "retain_cut_at_max_new_tokens": sum(a.finish_reason == "length" for _, a in retained),
+                "form_copies": {"harmful": len(harmful) - n_plain, "retain": len(retained) - len(kept)}},
         )
         if result.launch.is_main_process:
             _save(cfg, loaded, recipe, result, manifest)
-    return TrainPatchResult(cfg.output, result.to_dict(), len(harmful), len(answers), time.perf_counter() - start,
+    return TrainPatchResult(cfg.output, result.to_dict(), len(harmful), len(retained), time.perf_counter() - start,
                             written=result.launch.is_main_process)
 
 
@@ -270,14 +311,16 @@ def own_refusals(responses: list[str]) -> list[bool]:
 def _load_inputs(cfg: TrainConfig) -> tuple[LoadedModel, dict[str, Any], list[str]]:
     """The patch base (on this process's device), the canonical splits of the training sets and the held-out
     prompts; the main process goes first, so that the others find the caches filled."""
-    from safetypatch.data import canonical_split
+    from safetypatch.data import training_split
+    from safetypatch.data.catalog import dev_row_count
     from safetypatch.utils.distributed import main_process_first, process_state
 
     state = process_state()
     with main_process_first():
         loaded = load_model(cfg.model, revision=cfg.revision, dtype=cfg.dtype,
                             device=str(state.device) if state.num_processes > 1 else "auto")
-        splits = {name: canonical_split(load_dataset(name)) for name in [*cfg.harmful, *cfg.retain]}
+        names = [*cfg.harmful, *cfg.retain]
+        splits = {name: training_split(load_dataset(name), dev_row_count(name)) for name in names}
         held_out = _safety_eval_prompts(splits)
     return loaded, splits, held_out
 
@@ -322,13 +365,16 @@ def _save(cfg: TrainConfig, loaded: LoadedModel, recipe: PatchRecipe, result: An
 
 def _safety_eval_prompts(splits: dict[str, Any]) -> list[str]:
     """The evaluation-split prompts of every safety task's dataset (refusal, over-refusal, jailbreak) and of the
-    training sets themselves: what no training prompt may equal."""
-    from safetypatch.data import canonical_split
+    training sets themselves, and the development rows of those datasets: what no training prompt may equal."""
+    from safetypatch.data import canonical_split, development_split
+    from safetypatch.data.catalog import dev_row_count
     from safetypatch.eval.task import TASKS
 
     names = {TASKS.get(t).dataset for t in TASKS if TASKS.get(t).kind in ("refusal", "over_refusal", "jailbreak")}
     held = {name: splits[name] if name in splits else canonical_split(load_dataset(name)) for name in names}
-    return [row.prompt for split in [*held.values(), *splits.values()] for row in split.eval.rows]
+    dev = [development_split(load_dataset(name), n).eval for name in sorted(names) if (n := dev_row_count(name))]
+    return [row.prompt for split in [*held.values(), *splits.values()] for row in split.eval.rows] + [
+        row.prompt for rows in dev for row in rows.rows]
 
 
 class _Unseen:

@@ -90,6 +90,11 @@ def train(
              "repeatable.")] = None,
     retain: Annotated[str | None, typer.Option(help="Comma-separated benign retain sets.")] = None,
     retain_max_new_tokens: Annotated[int | None, typer.Option(help="Length of retain answers.")] = None,
+    harmful_forms: Annotated[str | None, typer.Option(
+        help="Comma-separated training forms every harmful prompt is also rewritten into (question, past, "
+             "hypothetical, roleplay).")] = None,
+    retain_forms: Annotated[str | None, typer.Option(
+        help="Comma-separated training forms every retain prompt is also rewritten into (benign twins).")] = None,
     retain_keep_refusals: Annotated[bool | None, typer.Option(
         "--retain-keep-refusals", help="Keep retain answers in which the model refuses a benign prompt.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Patch folder.")] = None,
@@ -104,7 +109,8 @@ def train(
         model=model, revision=revision, recipe=recipe, recipe_overrides=pairs(set_), full=full,
         harmful=split(harmful), n_harmful=n_harmful, n_per_set=pairs(n_per_set),
         harmful_categories=_categories(pairs(harmful_categories)), retain=split(retain),
-        retain_max_new_tokens=retain_max_new_tokens, retain_keep_refusals=retain_keep_refusals, output=output,
+        retain_max_new_tokens=retain_max_new_tokens, harmful_forms=split(harmful_forms),
+        retain_forms=split(retain_forms), retain_keep_refusals=retain_keep_refusals, output=output,
         dtype=dtype, overwrite=overwrite))
     console.print(f"[bold]safetypatch train[/] {cfg.recipe} patch on {cfg.model} -> {cfg.output}")
     with task_bars() as report:

@@ -84,9 +84,12 @@ def completion_loss(
     unlikely: torch.Tensor | None = None,
     openings: Sequence[int] = (),
     unlikelihood_weight: float = 0.0,
+    distill: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
     wrapped: bool = False,
 ) -> tuple[torch.Tensor, int]:
-    """Σ_t w_t · (−log p(y_t | y_<t)) / N over supervised positions t (METHODS.md §3.1 step 3).
+    """Σ_t w_t · ℓ_t / N over supervised positions t, ℓ_t = −log p(y_t | y_<t) (METHODS.md §3.1 step 3) or, for a
+    distilled example, KL(p_teacher ‖ p_model) at t.
 
     With unit weights and N = the number of supervised tokens this is L_CE of §3.1. Padding is excluded by its
     −100 label, set by position in the collator, never by token id. The first ``lead_tokens`` supervised tokens of
@@ -106,6 +109,11 @@ def completion_loss(
         unlikelihood_weight: the factor of that term (0: off).
         num_items: the normaliser N (the supervised-token count of the whole accumulated batch, as transformers'
             Trainer passes it), or None for this batch's count.
+        distill: per-example flags (batch,): at every supervised position of a flagged example the cross-entropy is
+            replaced by KL(p_teacher ‖ p_model) over the whole next-token distribution (self-distillation of the
+            retain answers from the unpatched model).
+        teacher_logits: the teacher's logits at the supervised positions of the flagged examples, in row-major
+            order ((Σ flagged positions) × vocab); required with ``distill``.
         wrapped: ``model`` is a distributed wrapper (DDP, FSDP, a DeepSpeed engine) around a model carrying TRL's
             fused LM head; it is called through its own forward and the fused head scores the supervised tokens
             (with the unlikelihood term on, the forward returns the whole logits instead).
@@ -116,6 +124,9 @@ def completion_loss(
     shifted = labels[:, 1:]
     mask = shifted != IGNORE_INDEX
     penalise = unlikelihood_weight > 0 and unlikely is not None and len(openings) > 0
+    distilled = distill is not None and bool(distill.any())
+    if distilled and (wrapped or teacher_logits is None):
+        raise ValueError("completion_loss: distill needs teacher_logits and an unwrapped model")
     if wrapped and not penalise:
         nll = -model(**inputs, labels=labels, fused_lm_head=True).log_probs[mask].float()
     else:
@@ -124,6 +135,12 @@ def completion_loss(
         logits = (model(**inputs, use_cache=False).logits[:, :-1][mask] if wrapped
                   else supervised_logits(model, inputs, mask))
         nll = F.cross_entropy(logits.float(), shifted[mask], reduction="none")
+    if distilled:
+        flagged = distill.to(torch.bool)[:, None].expand_as(shifted)[mask]
+        teacher = torch.log_softmax(teacher_logits.float(), dim=-1)
+        student = torch.log_softmax(logits[flagged].float(), dim=-1)
+        kl = (teacher.exp() * (teacher - student)).sum(dim=-1)
+        nll = nll.masked_scatter(flagged, kl)
     if weights is not None:
         nll = nll * weights.to(nll.dtype)[:, None].expand_as(shifted)[mask]
     if lead_tokens > 0 and lead_weight != 1.0:

@@ -78,10 +78,18 @@ class PatchRecipe(StrictConfig):
         0.0, ge=0, description="Weight of −log(1 − p(refusal opening)) at the first completion position of every "
                                "retain example: the first tokens of the training refusals are pushed down on benign "
                                "look-alikes (ours; 0 = off).")
+    retain_loss: Literal["ce", "kl"] = Field(
+        "ce", description="Loss on the retain answers: ce, cross-entropy on the model's own greedy tokens; kl, "
+                          "KL(unpatched ‖ patched) over whole next-token distributions along them (self-distillation; "
+                          "LoRA only, one process; ours).")
     regularizer: RegularizerConfig | None = Field(None, description="Xue's overlap regulariser (§3.2), or none.")
 
     @model_validator(mode="after")
     def _consistent(self) -> PatchRecipe:
+        if self.mode == "full" and self.retain_loss == "kl":
+            raise ConfigError("PatchRecipe: retain_loss='kl' distils from the unpatched model by switching the LoRA "
+                              "adapter off; the full-parameter mode has no adapter. Set retain_loss='ce' or "
+                              "mode='lora'.")
         if self.mode == "full" and self.regularizer is not None:
             raise ConfigError("PatchRecipe: the overlap regulariser acts on LoRA factors; drop `regularizer` or "
                               "set mode='lora'.")

@@ -27,7 +27,7 @@ import torch
 from safetypatch.errors import ConfigError, DataError
 from safetypatch.train.distributed import Launch, export_if_sharded, launch_of, resolve_precision
 from safetypatch.train.examples import TokenizedExample, check_supervision, end_of_turn_ids, refusal_openings
-from safetypatch.train.loss import completion_loss
+from safetypatch.train.loss import IGNORE_INDEX, completion_loss, supervised_logits
 from safetypatch.train.recipes import PatchRecipe
 from safetypatch.train.regularizer import OverlapRegularizer
 
@@ -67,6 +67,7 @@ class TrainResult:
         launch: how the run was distributed and its precision.
         refusal_openings: the token ids the retain unlikelihood term pushes down (empty when it is off).
         unlikelihood_examples: retain examples that term applies to (those whose own answer opens otherwise).
+        distilled_examples: retain examples trained by KL from the unpatched model (recipe ``retain_loss='kl'``).
         exported: on the main process of an FSDP or DeepSpeed run, the folder Trainer gathered the trained weights
             into (a PEFT adapter folder in LoRA mode, a model folder in full mode); None otherwise.
     """
@@ -81,6 +82,7 @@ class TrainResult:
     launch: Launch = field(default_factory=lambda: Launch("NO", 1, "fp32"))
     refusal_openings: tuple[int, ...] = ()
     unlikelihood_examples: int = 0
+    distilled_examples: int = 0
     exported: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,6 +146,7 @@ def train_refusal_patch(
         seconds=seconds, tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
         supervised_fraction=fraction, regularizer=final_r, launch=launch_of(trainer),
         refusal_openings=trainer.openings, unlikelihood_examples=int(sum(trainer.train_dataset["unlikely"])),
+        distilled_examples=int(sum(trainer.train_dataset["distill"])),
         exported=exported,
     )
 
@@ -181,6 +184,7 @@ def make_trainer(
         "loss_weight": [ex.weight for ex in train_examples],
         "unlikely": [bool(openings) and ex.kind == "retain" and ex.first_completion_id not in openings
                      for ex in train_examples],
+        "distill": [recipe.retain_loss == "kl" and ex.kind == "retain" for ex in train_examples],
     })
     regularizer = None
     if recipe.regularizer is not None:
@@ -275,6 +279,7 @@ class _WeightedCollator:
         batch = self.base([{k: ex[k] for k in ("input_ids", "labels")} for ex in examples])
         batch["loss_weight"] = torch.tensor([float(ex["loss_weight"]) for ex in examples])
         batch["unlikely"] = torch.tensor([bool(ex["unlikely"]) for ex in examples])
+        batch["distill"] = torch.tensor([bool(ex["distill"]) for ex in examples])
         return batch
 
 
@@ -351,7 +356,7 @@ def _trainer_class() -> type:
 
         def _set_signature_columns_if_needed(self) -> None:
             if self._signature_columns is None:
-                self._signature_columns = ["input_ids", "labels", "loss_weight", "unlikely"]
+                self._signature_columns = ["input_ids", "labels", "loss_weight", "unlikely", "distill"]
 
         def _get_train_sampler(self, train_dataset=None):
             # Trainer groups lengths per process and shuffles with the global RNG, for which accelerate substitutes
@@ -369,16 +374,23 @@ def _trainer_class() -> type:
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             weights = inputs.pop("loss_weight", None)
             unlikely = inputs.pop("unlikely", None)
+            distill = inputs.pop("distill", None)
             labels = inputs.pop("labels")
             wrapped = self.is_fsdp_enabled or self.accelerator.unwrap_model(model) is not model
+            distilled = distill is not None and bool(distill.any())
+            if distilled and wrapped:
+                raise ConfigError("retain_loss='kl' runs in one process for now: the unpatched teacher is the same "
+                                  "model with its adapter switched off, which a distributed wrapper does not expose. "
+                                  "Train without accelerate launch, or with retain_loss='ce'.")
             # The fast path calls the backbone and the LM head itself, around the autocast that accelerate wraps
             # the model's forward in: without this context bf16/fp16 would train in the weights' dtype (fp32 on a
             # CPU) while the manifest said bf16.
             with self.accelerator.autocast():
+                teacher = self._teacher_logits(model, inputs, labels, distill) if distilled else None
                 loss, count = completion_loss(model, inputs, labels, weights, num_items_in_batch,
                                               lead_tokens=self.lead[0], lead_weight=self.lead[1], unlikely=unlikely,
                                               openings=self.openings, unlikelihood_weight=self.unlikelihood_weight,
-                                              wrapped=wrapped)
+                                              distill=distill, teacher_logits=teacher, wrapped=wrapped)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 # As SFTTrainer.compute_loss: num_items_in_batch counts every process's tokens while DDP averages
                 # the gradients over the processes. The penalty below is the same on every process: not scaled.
@@ -393,5 +405,14 @@ def _trainer_class() -> type:
             if model.training:
                 self.tokens_seen += int(inputs["attention_mask"].sum())
             return (loss, None) if return_outputs else loss
+
+        @torch.no_grad()
+        def _teacher_logits(self, model, inputs, labels, distill):
+            """The unpatched model's logits (adapter off) at the supervised positions of the distilled rows."""
+            rows = distill.to(torch.bool)
+            sub = {key: value[rows] for key, value in inputs.items()}
+            mask = labels[rows][:, 1:] != IGNORE_INDEX
+            with model.disable_adapter():
+                return supervised_logits(model, sub, mask)
 
     return RefusalSFTTrainer
