@@ -71,3 +71,18 @@ def test_reformulate_records_the_original_and_augment_pairs_each_prompt_with_eac
         "question").rewrite("Steal a car")
     with pytest.raises(ConfigError, match=r"unknown prompt form 'futur'.*future"):
         augment(["x"], ["futur"])
+
+
+def test_augment_with_a_form_budget_spreads_the_forms_over_the_prompts():
+    prompts = [f"Write step {i} of the plan" for i in range(60)]
+    forms = ["past", "question", "roleplay"]
+    one = augment(prompts, forms, seed=0, per_prompt=1)
+    assert [i for i, _ in one] == list(range(60))
+    used = [next(f for f in forms if FORMS.get(f).rewrite(p) == text) for p, (_, text) in zip(prompts, one,
+                                                                                            strict=True)]
+    assert all(10 <= used.count(f) <= 30 for f in forms)
+    two = augment(prompts, forms, seed=0, per_prompt=2)
+    assert len(two) == 120 and len({text for _, text in two[:2]}) == 2 and two[::2] == one
+    assert len(augment(prompts, forms, per_prompt=7)) == 180
+    with pytest.raises(ConfigError, match="per_prompt"):
+        augment(prompts, forms, per_prompt=0)

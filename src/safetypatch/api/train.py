@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, model_validator
 
 from safetypatch.api._progress import Progress
-from safetypatch.config import StrictConfig
+from safetypatch.config import Dtype, StrictConfig
 from safetypatch.data.catalog import load_dataset
 from safetypatch.data.forms import augment
 from safetypatch.errors import ConfigError
@@ -68,6 +68,9 @@ class TrainConfig(StrictConfig):
     retain_forms: list[str] = Field(
         [], description="Training forms every kept retain prompt is also rewritten into: benign twins trained on the "
                         "model's own answer to the original prompt.")
+    forms_per_prompt: int | None = Field(
+        None, ge=1, description="Rewrite each prompt into this many of its forms, chosen by a hash of the prompt "
+                                "(None: into every one).")
     retain_max_new_tokens: int = Field(32, gt=0, description="Length of the model's own retain answers; an answer "
                                                              "cut there is trained without the end-of-turn token.")
     retain_keep_refusals: bool = Field(False, description="Keep the retain answers in which the model refuses the "
@@ -76,7 +79,7 @@ class TrainConfig(StrictConfig):
     output: Path = Field(Path("runs/patch"), description="Patch folder (PEFT adapter + safety_patch.json; full "
                                                          "mode: a complete model folder + safety_patch.json).")
     overwrite: bool = Field(False, description="Replace an existing patch folder.")
-    dtype: str = Field("auto", description="Weights dtype: auto, float32, bfloat16 or float16.")
+    dtype: Dtype = Field("auto", description="Weights dtype: auto, float32, bfloat16 or float16.")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -237,7 +240,7 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
     from safetypatch.utils.io import ensure_writable
 
     cfg = config or TrainConfig()
-    ensure_writable(cfg.output, cfg.overwrite)
+    ensure_writable(cfg.output, cfg.overwrite, folder=True)
     check_launcher_environment()
     start = time.perf_counter()
     recipe = cfg.patch_recipe()
@@ -247,9 +250,10 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
                for row in unseen.rows(cfg.harmful_rows(name, splits[name].train.rows))[:n]]
     n_plain = len(harmful)
     harmful += [replace(harmful[i], prompt=text)
-                for i, text in augment([row.prompt for row in harmful], cfg.harmful_forms, recipe.seed)]
+                for i, text in augment([row.prompt for row in harmful], cfg.harmful_forms, recipe.seed,
+                                       cfg.forms_per_prompt)]
     benign = [row.prompt for name in cfg.retain for row in unseen.rows(splits[name].train.rows)][: recipe.retain_count]
-    twins = augment(benign, cfg.retain_forms, recipe.seed)
+    twins = augment(benign, cfg.retain_forms, recipe.seed, cfg.forms_per_prompt)
     train_prompts = [row.prompt for row in harmful] + benign + [text for _, text in twins]
     check_no_overlap(train_prompts, held_out, what="patch training prompts vs evaluation splits")
     protocol = GenerationProtocol(max_new_tokens=cfg.retain_max_new_tokens, dtype=loaded.dtype, seed=recipe.seed)

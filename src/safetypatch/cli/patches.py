@@ -95,6 +95,8 @@ def train(
              "hypothetical, roleplay).")] = None,
     retain_forms: Annotated[str | None, typer.Option(
         help="Comma-separated training forms every retain prompt is also rewritten into (benign twins).")] = None,
+    forms_per_prompt: Annotated[int | None, typer.Option(
+        help="Rewrite each prompt into this many of the forms, chosen by its hash (default: all).")] = None,
     retain_keep_refusals: Annotated[bool | None, typer.Option(
         "--retain-keep-refusals", help="Keep retain answers in which the model refuses a benign prompt.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Patch folder.")] = None,
@@ -110,7 +112,8 @@ def train(
         harmful=split(harmful), n_harmful=n_harmful, n_per_set=pairs(n_per_set),
         harmful_categories=_categories(pairs(harmful_categories)), retain=split(retain),
         retain_max_new_tokens=retain_max_new_tokens, harmful_forms=split(harmful_forms),
-        retain_forms=split(retain_forms), retain_keep_refusals=retain_keep_refusals, output=output,
+        retain_forms=split(retain_forms), forms_per_prompt=forms_per_prompt,
+        retain_keep_refusals=retain_keep_refusals, output=output,
         dtype=dtype, overwrite=overwrite))
     console.print(f"[bold]safetypatch train[/] {cfg.recipe} patch on {cfg.model} -> {cfg.output}")
     with task_bars() as report:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from safetypatch.data.schema import Example
+from safetypatch.errors import ConfigError
 from safetypatch.registry import Registry
 
 Family = Literal["train", "held_out"]
@@ -176,14 +177,24 @@ def reformulate(rows: Sequence[Example], form: str, seed: int = 0) -> list[Examp
             for row in rows]
 
 
-def augment(prompts: Sequence[str], forms: Sequence[str], seed: int = 0) -> list[tuple[int, str]]:
-    """Rewritten copies of ``prompts``: every prompt in every form of ``forms``, prompt by prompt.
+def augment(prompts: Sequence[str], forms: Sequence[str], seed: int = 0,
+            per_prompt: int | None = None) -> list[tuple[int, str]]:
+    """Rewritten copies of ``prompts``, prompt by prompt: each prompt in every form of ``forms``, or in
+    ``per_prompt`` of them chosen by a hash of the prompt and the seed (consecutive in ``forms``' order, so the
+    forms are used about equally).
 
     Returns:
         (index of the original prompt, rewritten prompt) pairs.
 
     Raises:
-        ConfigError: an unknown form.
+        ConfigError: an unknown form, or ``per_prompt`` below 1.
     """
     specs = [FORMS.get(form) for form in forms]
-    return [(i, spec.rewrite(prompt, seed)) for i, prompt in enumerate(prompts) for spec in specs]
+    if per_prompt is not None and per_prompt < 1:
+        raise ConfigError(f"per_prompt must be at least 1, got {per_prompt}.")
+    k = len(specs) if per_prompt is None else min(per_prompt, len(specs))
+    out = []
+    for i, prompt in enumerate(prompts):
+        first = _pick(f"forms\0{seed}\0{prompt}", len(specs)) if specs and per_prompt is not None else 0
+        out += [(i, specs[(first + j) % len(specs)].rewrite(prompt, seed)) for j in range(k)]
+    return out
