@@ -133,10 +133,14 @@ def test_an_existing_output_is_refused_and_left_untouched(folders, tmp_path):
     cfg = api.ApplyConfig(model=str(folders["llama"]), patches=folders["p1"], mode="merge", output=out)
     with pytest.raises(OutputExistsError, match="merged already exists"):
         api.apply_patch(cfg)
+    with pytest.raises(OutputExistsError, match="merged is a folder that safetypatch did not write"):
+        api.apply_patch(cfg.model_copy(update={"overwrite": True}))  # refused before the model is loaded
     assert [p.name for p in tmp_path.iterdir()] == ["merged"] and [p.name for p in out.iterdir()] == ["mine.txt"]
     assert (out / "mine.txt").read_text() == "keep"
+    (out / "mine.txt").unlink()
+    api.apply_patch(cfg.model_copy(update={"overwrite": True}))  # an empty folder, and then this tool's output
     api.apply_patch(cfg.model_copy(update={"overwrite": True}))
-    assert (out / APPLIED_RECORD).is_file() and not (out / "mine.txt").exists()
+    assert (out / APPLIED_RECORD).is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
 def test_a_patch_for_another_model_is_refused_naming_the_architecture_or_module(folders):

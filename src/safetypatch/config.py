@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from safetypatch.errors import ConfigError
 
 C = TypeVar("C", bound="StrictConfig")
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+"""The weights dtype of every option set that loads a model (``auto``: bfloat16 on a bf16 GPU, else float32)."""
 
 
 class StrictConfig(BaseModel):
@@ -48,5 +50,15 @@ def load_config(cls: type[C], path: Path | None = None, overrides: dict[str, Any
     try:
         return cls(**data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
-        raise ConfigError(f"invalid {cls.__name__} (from {where}): {problems}") from exc
+        raise ConfigError(f"invalid {cls.__name__} (from {where}): {describe_errors(exc)}") from exc
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """Each problem of a pydantic validation error as ``field: message (got value)``, joined by ``; ``."""
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        value = err.get("input")
+        got = f" (got {value!r})" if isinstance(value, (str, int, float, bool)) else ""
+        problems.append(f"{where}: {err['msg']}{got}" if where else f"{err['msg']}{got}")
+    return "; ".join(problems)

@@ -22,6 +22,7 @@ from safetypatch.models.fingerprint import fingerprint_folder
 from safetypatch.patch import PatchManifest, save_patch
 from safetypatch.report import write_report
 from safetypatch.utils.hashing import sha256_file
+from safetypatch.utils.io import MARKER
 from tests.patch.helpers import random_patch
 from tests.tiny import build_tiny_model
 
@@ -65,7 +66,7 @@ def test_the_cli_writes_the_json_and_figures_and_refuses_to_overwrite(inputs, tm
     assert len(doc.rows) == 4 * 7 and {row["r"] for row in doc.rows} == {2}
     assert doc.modules()[0] == "self_attn.q_proj" and doc.layers() == [0, 1, 2, 3]
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted([ANALYSIS_FILE, "baseline.png", "hidden_shift.png", "heatmap_mou_norm.png",
+    assert names == sorted([MARKER, ANALYSIS_FILE, "baseline.png", "hidden_shift.png", "heatmap_mou_norm.png",
                             "heatmap_overlap.png", "heatmap_enrichment.png", "heatmap_stable_rank.png",
                             "heatmap_relative_norm.png", "heatmap_entropy_rank.png"])
     assert all((out / name).read_bytes().startswith(PNG) for name in names if name.endswith(".png"))
@@ -128,7 +129,7 @@ def test_missing_or_wrong_folders_are_named_with_the_fix(inputs, tmp_path, isola
     with pytest.raises(PatchError, match=r"patch folder .*no-patch does not exist.*adapter_config\.json"):
         api.analyze(config)
     model_as_patch = config.model_copy(update={"patch": inputs["base"]})
-    with pytest.raises(PatchError, match=r"is a model folder, not a LoRA adapter.*--target <folder>"):
+    with pytest.raises(PatchError, match=r"is a model folder, not a LoRA adapter.*--target <folder> --model"):
         api.analyze(model_as_patch)
     no_model = config.model_copy(update={"model": str(tmp_path / "no-model"), "patch": inputs["patch"]})
     with pytest.raises(ModelError, match=r"^model '.*no-model': "):

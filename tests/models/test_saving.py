@@ -88,12 +88,17 @@ def test_existing_folders_and_bad_sidecar_names_are_refused(tmp_path):
     (folder / "mine.txt").write_text("keep")
     with pytest.raises(OutputExistsError, match="model already exists; pass overwrite=True"):
         save_model_folder(model, tokenizer, folder)
+    with pytest.raises(OutputExistsError, match="model is a folder that safetypatch did not write"):
+        save_model_folder(model, tokenizer, folder, overwrite=True)
     assert [p.name for p in folder.iterdir()] == ["mine.txt"]
+    (folder / "mine.txt").unlink()  # an empty folder may be replaced, and so may an output this tool wrote
+    save_model_folder(model, tokenizer, folder, overwrite=True)
+    written = sorted(p.name for p in folder.iterdir())
     with pytest.raises(ConfigError, match=r"sidecar 'config\.json' .* would replace the file"):
         save_model_folder(model, tokenizer, folder, sidecars={"config.json": "{}"}, overwrite=True)
     with pytest.raises(ConfigError, match=r"sidecar '\.\./escape\.json' .* is not a plain file name"):
         save_model_folder(model, tokenizer, folder, sidecars={"../escape.json": "{}"}, overwrite=True)
-    assert [p.name for p in folder.iterdir()] == ["mine.txt"] and sorted(p.name for p in tmp_path.iterdir()) == [
+    assert sorted(p.name for p in folder.iterdir()) == written and sorted(p.name for p in tmp_path.iterdir()) == [
         "model"]
-    save_model_folder(model, tokenizer, folder, overwrite=True)
-    assert (folder / "config.json").is_file() and not (folder / "mine.txt").exists()
+    save_model_folder(model, tokenizer, folder, sidecars={"NOTE.txt": "again"}, overwrite=True)
+    assert (folder / "config.json").is_file() and (folder / "NOTE.txt").read_text() == "again"

@@ -15,6 +15,7 @@ from safetypatch.patch.artifact import PatchManifest, chat_template_sha256, load
 from safetypatch.patch.factors import patch_from_peft
 from safetypatch.train.recipes import get_recipe
 from safetypatch.train.refusal_sft import lora_config
+from safetypatch.utils.io import MARKER
 from tests.patch.helpers import random_patch
 from tests.tiny import build_tiny_model
 
@@ -39,7 +40,7 @@ def test_save_from_peft_writes_a_verified_folder_with_manifest_and_card(trained_
     folder = tmp_path / "patch"
     loaded = save_patch(peft, folder, MANIFEST)
     assert sorted(p.name for p in folder.iterdir()) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors", "safety_patch.json"]
+        MARKER, "README.md", "adapter_config.json", "adapter_model.safetensors", "safety_patch.json"]
     original = patch_from_peft(peft)
     assert loaded.modules == original.modules and len(loaded.modules) == 12
     for m in loaded.modules:

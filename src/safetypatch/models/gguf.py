@@ -54,7 +54,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path, source: dict) -> Path:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        with atomic_path(out_dir) as tmp:
+        with atomic_path(out_dir, cache=True) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
@@ -75,7 +75,7 @@ def assemble_embedded(spec: EmbeddedModel, work_dir: Path) -> Path:
     with file_lock(target):
         if target.is_file() and sha256_file(target) == spec.gguf_sha256:
             return target
-        with atomic_path(target, overwrite=True) as tmp:
+        with atomic_path(target, overwrite=True, cache=True) as tmp:
             with open(tmp, "wb") as out:
                 for path in members:
                     with open(path, "rb") as src:

