@@ -6,6 +6,7 @@ the weights it changes, with a random-subspace baseline for every similarity, an
 - ``cache``: W_0's top singular triplets on disk, keyed by the model's fingerprint.
 - ``modules``: streams W_0 and ΔW (patch factors or a second checkpoint) into per-module rows.
 - ``hidden``: the hidden-state shift per layer over benign and harmful prompts.
+- ``probe``: the linear-probe ceiling, a logistic regression on last-token hidden states, its layer by k-fold CV.
 - ``document``: the JSON document, its aggregates and its reader (what ``report`` reads).
 """
 

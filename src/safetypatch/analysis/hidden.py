@@ -2,8 +2,10 @@
 stream after decoder block l, at the last prompt token (or averaged over the prompt's tokens), averaged separately over
 benign and harmful prompts, and also relative to ‖h^(l)_0(x)‖.
 
-Prompts are rendered with the model's chat template and run one at a time, so no padding or position bookkeeping
-can move a state: a patch whose ΔW is zero, or a target equal to the model, shifts nothing, exactly.
+Prompts are rendered with the model's chat template and run one at a time by default, so no padding or position
+bookkeeping can move a state: a patch whose ΔW is zero, or a target equal to the model, shifts nothing, exactly.
+Batches (``batch_size`` > 1, the linear probe's extraction) pad on the right, after every prompt token, where a causal
+model's prompt tokens never look.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def decoder_layers(model: Any) -> torch.nn.ModuleList:
 
 @torch.no_grad()
 def residual_states(model: Any, tokenizer: Any, prompts: Sequence[str], position: Position = "last",
-                    progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                    progress: Callable[[int], None] | None = None, batch_size: int = 1) -> torch.Tensor:
     """The residual stream after every decoder block at the last prompt token (or the prompt's mean).
 
     Args:
@@ -83,44 +85,58 @@ def residual_states(model: Any, tokenizer: Any, prompts: Sequence[str], position
         tokenizer: its tokenizer, with a chat template.
         prompts: user turns.
         position: ``last`` (the default of §3.8) or ``mean`` over the prompt's tokens.
-        progress: called with 1 after each prompt.
+        progress: called with the number of prompts after each forward.
+        batch_size: prompts per forward, taken in order of length and padded on the right: causal attention keeps
+            the padding out of every prompt token's state, so only the rounding of batched kernels can differ from
+            one prompt at a time (the default, exact).
 
     Returns:
-        ``[len(prompts), layers, hidden]`` fp32 on the CPU.
+        ``[len(prompts), layers, hidden]`` fp32 on the CPU, in the order of ``prompts``.
 
     Raises:
-        ConfigError: the tokenizer has no chat template.
+        ConfigError: the tokenizer has no chat template, or ``batch_size`` is below 1.
         ModelError: see :func:`decoder_layers`.
     """
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "")
         raise ConfigError(f"tokenizer {name!r} has no chat template; the hidden-state shift renders prompts with it. "
                           "Analyse an instruct model, or set hidden_shift: false.")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}.")
     layers = decoder_layers(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    encoded = [tokenizer(render_user_turn(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+               for prompt in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    lengths: list[int] = []
     captured: list[torch.Tensor] = []
 
     def keep(_module: Any, _inputs: Any, output: Any) -> None:
-        hidden = (output[0] if isinstance(output, tuple) else output)[0].float()
-        captured.append(hidden[-1] if position == "last" else hidden.mean(0))
+        hidden = output[0] if isinstance(output, tuple) else output
+        captured.append(torch.stack([hidden[row, n - 1].float() if position == "last" else
+                                     hidden[row, :n].float().mean(0) for row, n in enumerate(lengths)]))
 
     hooks = [layer.register_forward_hook(keep) for layer in layers]
     was_training = model.training
     model.eval()
-    states = []
+    states: dict[int, torch.Tensor] = {}
+    pad = tokenizer.pad_token_id or 0
     try:
-        for prompt in prompts:
-            ids = tokenizer(render_user_turn(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-            base.get_decoder()(input_ids=torch.tensor([ids], device=base.device), use_cache=False)
-            states.append(torch.stack(captured).cpu())
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            lengths[:] = [len(encoded[i]) for i in chunk]
+            ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(encoded[i]) for i in chunk], batch_first=True,
+                                                  padding_value=pad)
+            base.get_decoder()(input_ids=ids.to(base.device), use_cache=False)
+            states.update(zip(chunk, torch.stack(captured, 1).cpu(), strict=True))
             captured.clear()
             if progress is not None:
-                progress(1)
+                progress(len(chunk))
     finally:
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    return torch.stack(states)
+    return torch.stack([states[i] for i in range(len(prompts))])
 
 
 def layer_shift(before: torch.Tensor, after: torch.Tensor) -> dict[str, list[float]]:

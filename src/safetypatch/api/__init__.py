@@ -7,6 +7,7 @@ from safetypatch.api.apply import AppliedModel, ApplyConfig, apply_patch
 from safetypatch.api.demo import DemoConfig, DemoResult, demo
 from safetypatch.api.evaluate import EvalConfig, EvalResult, evaluate
 from safetypatch.api.finetune import FinetuneConfig, FinetuneResult, finetune
+from safetypatch.api.probe import ProbeConfig, ProbeResult, probe, read_probe
 from safetypatch.api.restore import ExtractJob, ExtractResult, RestoreJob, RestoreResult, extract, restore
 from safetypatch.api.train import TrainConfig, TrainPatchResult, train_patch
 from safetypatch.data.catalog import list_datasets, load_dataset
@@ -15,9 +16,10 @@ from safetypatch.models.resolve import CatalogEntry, list_catalog
 
 __all__ = [
     "AnalyzeConfig", "AnalyzeResult", "AppliedModel", "ApplyConfig", "DemoConfig", "DemoResult", "EvalConfig",
-    "EvalResult", "ExtractJob", "ExtractResult", "FinetuneConfig", "FinetuneResult", "RestoreJob", "RestoreResult",
-    "TrainConfig", "TrainPatchResult", "analyze", "apply_patch", "demo", "evaluate", "extract", "finetune",
-    "list_datasets", "list_models", "list_tasks", "load_dataset", "load_model", "restore", "train_patch",
+    "EvalResult", "ExtractJob", "ExtractResult", "FinetuneConfig", "FinetuneResult", "ProbeConfig", "ProbeResult",
+    "RestoreJob", "RestoreResult", "TrainConfig", "TrainPatchResult", "analyze", "apply_patch", "demo", "evaluate",
+    "extract", "finetune", "list_datasets", "list_models", "list_tasks", "load_dataset", "load_model", "probe",
+    "read_probe", "restore", "train_patch",
 ]
 
 

@@ -1,11 +1,12 @@
-"""Verbs that measure and show: eval, report."""
+"""Verbs that measure and show: eval, probe, report."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from safetypatch.cli._app import ConfigOpt, app, console, friendly, out, pairs, paths, split, task_bars
@@ -60,6 +61,76 @@ def eval_(
             table.add_row(task, key, f"{value:.3f}")
     out.print(table)
     console.print(f"[green]done[/] in {result.seconds / 60:.1f} min: {result.path}")
+
+
+@app.command()
+@friendly
+def probe(
+    config: ConfigOpt = None,
+    model: Annotated[str | None, typer.Option(help="Model probed (unpatched): catalog name, folder, Hub id.")] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision (Hub ids only).")] = None,
+    harmful: Annotated[str | None, typer.Option(help="Comma-separated harmful sets (train halves, label 1).")] = None,
+    benign: Annotated[str | None, typer.Option(help="Comma-separated benign sets (train halves, label 0).")] = None,
+    n_train: Annotated[int | None, typer.Option(help="Most training prompts per set.")] = None,
+    tasks: Annotated[str | None, typer.Option(help="Comma-separated held-out safety tasks.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Most rows per task (seeded sample, as eval draws it).")] = None,
+    limits: Annotated[list[str] | None, typer.Option(
+        help="Per-task rows, e.g. harmbench=100,xstest-safe=60; repeatable.")] = None,
+    layers: Annotated[str | None, typer.Option(help="Comma-separated decoder blocks to try (default all).")] = None,
+    folds: Annotated[int | None, typer.Option(help="k of the cross-validation choosing the layer.")] = None,
+    l2: Annotated[float | None, typer.Option(help="L2 weight of the logistic regression.")] = None,
+    balanced: Annotated[bool | None, typer.Option("--balanced/--no-balanced",
+                                                  help="Weigh the two labels equally.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the folds.")] = None,
+    row_seed: Annotated[int | None, typer.Option(help="Held-out rows' seed (default: results', else --seed).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Prompts per forward pass.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16.")] = None,
+    results: Annotated[Path | None, typer.Option(help="Eval results folder (or file) of the patch.")] = None,
+    judge: Annotated[str | None, typer.Option(help="Judge of --results (default its headline judge).")] = None,
+    output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o", help="probe.json + samples.jsonl.")] = None,
+    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace an existing output folder.")] = None,
+) -> None:
+    """The linear-probe ceiling: how well the model's own hidden states flag the held-out harmful prompts."""
+    from safetypatch import api
+    from safetypatch.config import load_config
+
+    cfg = load_config(api.ProbeConfig, config, dict(
+        model=model, revision=revision, harmful=split(harmful), benign=split(benign), n_train=n_train,
+        tasks=split(tasks), limit=limit, limits=pairs(limits), layers=split(layers), folds=folds, l2=l2,
+        balanced=balanced, seed=seed, row_seed=row_seed, batch_size=batch_size, dtype=dtype, results=results,
+        judge=judge, output_dir=output_dir, overwrite=overwrite))
+    console.print(f"[bold]safetypatch probe[/] {cfg.model} -> {cfg.output_dir}")
+    with task_bars() as report:
+        result = api.probe(cfg, progress=report)
+    out.print(_probe_table(result.document))
+    console.print(f"[green]done[/] in {result.seconds:.1f} s: {result.output}")
+
+
+def _probe_table(document: dict[str, Any]) -> Table:
+    """One row per held-out task: its role, rows, the probe's share flagged and, with results, the patch's refusal
+    rate on the rows both judged."""
+    fitted, compared = document["probe"], document["results"]
+    training = document["training"]
+    table = Table(title=escape(
+        f"linear probe at layer {fitted['layer']} (CV accuracy {fitted['cv_accuracy']:.3f}), trained on "
+        f"{training['n_harmful']} harmful and {training['n_benign']} benign prompts"), caption=escape(
+        "probe flags: share of the task's rows called harmful; on benign tasks a false alarm"
+        + (f"; patch refuses: {compared['judge']}'s refusals on the rows the results hold (in brackets: the probe's "
+           "share on those rows)"
+           if compared else "")))
+    for column in ("set", "role", "n", "probe flags", *(("patch refuses", "judged") if compared else ())):
+        table.add_column(column)
+
+    def share(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    for row in document["rows"]:
+        cells = [row["task"], row["role"], str(row["n"]), share(row["share_flagged"])]
+        if compared:
+            cells += [f"{share(row['patch_refusal'])} ({share(row['share_flagged_judged'])})",
+                      f"{row['n_judged']}/{row['n']}"]
+        table.add_row(*map(escape, cells))
+    return table
 
 
 @app.command()
