@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -71,3 +72,19 @@ def test_the_sampled_rows_are_advised_before_they_are_read_and_the_digest_is_unc
             row = (stop - start) // n
             expected |= {(path.name, start + r * row, start + (r + 1) * row) for r in (0, n // 3, 2 * n // 3, n - 1)}
     assert sorted(advised) == sorted(expected)  # each sampled row once, nothing else
+
+
+def test_a_truncated_or_malformed_checkpoint_is_named(tiny_model_dirs, tmp_path):
+    from safetypatch.errors import ModelError
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dirs["llama"], folder)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match=r"model\.safetensors is not a valid safetensors file: .*truncated"):
+        fingerprint_folder(folder)
+    weights.write_bytes(data)
+    (folder / "config.json").write_text("[]")
+    with pytest.raises(ModelError, match=r"config\.json holds a JSON list, but the model config must be"):
+        fingerprint_folder(folder)

@@ -139,3 +139,30 @@ def test_dora_and_unknown_tensors_are_refused(tmp_path):
     safetensors.torch.save_file(tensors, str(folder / "adapter_model.safetensors"))
     with pytest.raises(PatchError, match="lora_magnitude_vector"):
         load_patch(folder)
+
+
+def test_malformed_json_sidecars_name_the_file_and_the_field(tmp_path):
+    """A manifest of [] used to read as "no manifest", which turned the base-fingerprint check off."""
+    model, _ = build_tiny_model("llama")
+    folder = tmp_path / "p"
+    save_patch(random_patch(model), folder, MANIFEST, model=model)
+    config, manifest = (json.loads((folder / name).read_text()) for name in ("adapter_config.json",
+                                                                              "safety_patch.json"))
+    cases = [
+        ("adapter_config.json", '{"r": 2', r"adapter_config\.json is not valid JSON"),
+        ("adapter_config.json", "[]", r"adapter_config\.json holds a JSON list, but the PEFT adapter config must"),
+        ("adapter_config.json", json.dumps({**config, "r": "2"}), r"adapter_config\.json: field 'r' .*\(got '2'\)"),
+        ("safety_patch.json", "[]", r"safety_patch\.json holds a JSON list, but the patch manifest must"),
+        ("safety_patch.json", json.dumps({**manifest, "base_model": {"fingerprint": 5}}),
+         r"safety_patch\.json: field 'base_model\.fingerprint' of the patch manifest"),
+    ]
+    for name, text, message in cases:
+        original = (folder / name).read_text()
+        (folder / name).write_text(text)
+        with pytest.raises(PatchError, match=message):
+            load_patch(folder)
+        (folder / name).write_text(original)
+    with pytest.raises(PatchError, match=r"patch folder .*nope does not exist"):
+        load_patch(tmp_path / "nope")
+    with pytest.raises(PatchError, match=r"adapter_config\.json is not a folder"):
+        load_patch(folder / "adapter_config.json")

@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 
 from safetypatch.analysis.settings import SubspaceSettings
 from safetypatch.api._progress import Progress
+from safetypatch.config import Dtype
 from safetypatch.errors import ConfigError
 from safetypatch.models.catalog import DEFAULT_MODEL
 
@@ -52,7 +53,7 @@ class AnalyzeConfig(SubspaceSettings):
     benign_set: str = Field("xstest-safe", description="Benign prompts (evaluation half of its canonical split).")
     position: Literal["last", "mean"] = Field(
         "last", description="Hidden state at the last prompt token (§3.8 default) or averaged over the prompt.")
-    dtype: str = Field("auto", description="Dtype of the models run for the hidden-state shift.")
+    dtype: Dtype = Field("auto", description="Dtype of the models run for the hidden-state shift.")
     cache: bool = Field(True, description="Keep W_0's SVDs under $SAFETYPATCH_HOME, keyed by its fingerprint.")
     output_dir: Path = Field(Path("runs/analysis"), description="Output folder: analysis.json and PNG figures.")
     overwrite: bool = Field(False, description="Replace an existing output folder.")
@@ -104,16 +105,17 @@ def analyze(config: AnalyzeConfig, progress: Progress | None = None) -> AnalyzeR
         DataError: a prompt set cannot be loaded.
     """
     from safetypatch.analysis.modules import BASE, MODEL, TARGET
+    from safetypatch.patch import load_patch
     from safetypatch.utils.io import ensure_writable
     from safetypatch.weights.stream import CheckpointReader
 
     start = time.perf_counter()
-    ensure_writable(config.output_dir, config.overwrite)
+    ensure_writable(config.output_dir, config.overwrite, folder=True)
     refs = {MODEL: config.model, TARGET: config.target, BASE: config.base_model}
     roles = {role: _resolve(role, ref, config.revision if role == MODEL else None)
              for role, ref in refs.items() if ref is not None}
     readers = {role: CheckpointReader(resolved.path) for role, resolved in roles.items()}
-    patch = _load_patch(config.patch) if config.patch is not None else None
+    patch = load_patch(config.patch) if config.patch is not None else None
     settings = config.resolved(patch.rank if patch is not None else None)
     models = _model_records(roles)
     rows, cache = _weight_rows(patch, readers, settings, models[MODEL]["fingerprint"], progress)
@@ -132,21 +134,6 @@ def _resolve(role: str, ref: str, revision: str | None) -> ResolvedModel:
         return resolve_model(ref, revision)
     except ModelError as exc:
         raise ModelError(f"{role} {ref!r}: {exc}") from exc
-
-
-def _load_patch(folder: Path) -> Patch:
-    """The patch folder, with the two likely mistakes explained: no such folder, or a full-parameter model."""
-    from safetypatch.errors import PatchError
-    from safetypatch.patch import load_patch
-    from safetypatch.patch.artifact import ADAPTER_CONFIG
-
-    if not folder.is_dir():
-        raise PatchError(f"patch folder {folder} does not exist; give the folder `safetypatch train` wrote (a PEFT "
-                         f"adapter with {ADAPTER_CONFIG}).")
-    if not (folder / ADAPTER_CONFIG).is_file() and (folder / "config.json").is_file():
-        raise PatchError(f"{folder} is a model folder, not a LoRA adapter (a full-parameter patch?); analyse it as "
-                         "a checkpoint delta: --target <folder> --model <its base>.")
-    return load_patch(folder)
 
 
 def _weight_rows(patch: Patch | None, readers: dict[str, Any], settings: AnalyzeConfig, fingerprint: str,

@@ -8,8 +8,12 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from safetypatch.errors import ModelError
+
+if TYPE_CHECKING:
+    from safetypatch.weights.reader import CheckpointReader
 
 ARCH_FIELDS = (
     "model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -46,11 +50,16 @@ def safetensors_files(folder: Path) -> list[Path]:
     """The safetensors files of an HF folder (sharded via its index, or single).
 
     Raises:
-        ModelError: the folder holds no safetensors weights.
+        ModelError: the folder holds no safetensors weights, or its index is not a JSON object with a weight map.
     """
+    from safetypatch.weights.reader import read_json_file
+
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json_file(index, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelError(f"{index} has no 'weight_map' (tensor name → shard file); the index is corrupt. "
+                             "Download or write the checkpoint again.")
         return [folder / name for name in sorted(set(weight_map.values()))]
     single = folder / "model.safetensors"
     if single.is_file():
@@ -65,26 +74,25 @@ def fingerprint_folder(folder: Path, revision: str | None = None) -> Fingerprint
     """Fingerprint the HF checkpoint in ``folder`` by streaming its safetensors headers and a few tensors.
 
     Raises:
-        ModelError: no ``config.json`` or no safetensors weights.
+        ModelError: no ``config.json`` (or one that is not a JSON object), no safetensors weights, or a weights file
+            or index that is truncated or corrupt (named).
     """
     from safetensors import safe_open
+
+    from safetypatch.weights.reader import CheckpointReader, read_json_file
 
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ModelError(f"{folder} has no config.json: it is not a Hugging Face model folder.")
-    config = json.loads(config_path.read_text())
+    config = read_json_file(config_path, "model config")
     arch = {key: config[key] for key in ARCH_FIELDS if key in config}
-    shapes: dict[str, tuple[int, ...]] = {}
-    owner: dict[str, Path] = {}
-    for path in safetensors_files(folder):
-        with safe_open(str(path), framework="pt") as fh:
-            for name in fh.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                shapes[name] = tuple(fh.get_slice(name).get_shape())
-                owner[name] = path
+    reader = CheckpointReader(folder)  # every header is checked against its file's size: a truncated file is named
+    shapes = {name: reader.shape(name) for name in reader.names()}
+    owner = {name: folder / reader.info(name).file for name in shapes}
     table = sorted((name, list(shape)) for name, shape in shapes.items())
     shape_digest = hashlib.sha256(json.dumps([arch, table], sort_keys=True).encode()).hexdigest()
     digest = hashlib.sha256(shape_digest.encode())
-    _advise_rows(folder, shapes)
+    _advise_rows(reader, shapes)
     with contextlib.ExitStack() as stack:
         handles = {p: stack.enter_context(safe_open(str(p), framework="pt")) for p in set(owner.values())}
         for name, _ in table:
@@ -105,17 +113,11 @@ def _sample_rows(tensor_slice, shape: tuple[int, ...]) -> bytes:
     return b"".join(tensor_slice[r : r + 1].float().numpy().tobytes() for r in _rows(shape))
 
 
-def _advise_rows(folder: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+def _advise_rows(reader: CheckpointReader, shapes: dict[str, tuple[int, ...]]) -> None:
     """Ask the kernel for the bytes of every sampled row at once, before they are read
     (:meth:`~safetypatch.weights.reader.CheckpointReader.will_need`). Read one by one through the mapping from a
     cold page cache, each row would wait for the disk, and the kernel would read a read-ahead window of MiBs around
     it: most of the checkpoint, for a few kB per tensor. A hint: the rows read the same without it."""
-    from safetypatch.weights.reader import CheckpointReader
-
-    try:
-        reader = CheckpointReader(folder)
-    except ModelError:
-        return  # the reads report what is wrong with the folder
     for name, shape in shapes.items():
         if name in reader and shape and shape[0] > 0:
             row = reader.nbytes(name) // shape[0]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
 from safetypatch.config import StrictConfig
 from safetypatch.errors import PatchError
@@ -30,7 +30,7 @@ from safetypatch.models.saving import save_model_folder
 from safetypatch.patch.factors import LoraFactors, Patch, factor_key, patch_from_peft
 from safetypatch.patch.probe import is_peft_model, max_abs_diff, peft_attached, probe_input_ids, probe_logits, reloaded
 from safetypatch.utils.environment import package_versions
-from safetypatch.utils.io import atomic_path
+from safetypatch.utils.io import atomic_path, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,28 @@ class PatchManifest(StrictConfig):
     training: dict[str, Any] = Field(default_factory=dict, description="TrainResult.to_dict(): losses, speed, R.")
     eval_summary: dict[str, Any] | None = Field(None, description="Filled in after evaluation.")
     extra: dict[str, Any] = Field(default_factory=dict, description="Method-specific fields (sources, weights…).")
+
+
+class _AdapterConfigFields(BaseModel):
+    """What ``load_patch`` reads of an ``adapter_config.json`` (other keys pass through unchecked)."""
+
+    model_config = ConfigDict(extra="allow")
+    r: StrictInt = Field(gt=0)
+    lora_alpha: StrictInt | StrictFloat
+
+
+class _PatchBaseFields(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    fingerprint: StrictStr | None = None
+    arch: dict[str, Any] | None = None
+
+
+class _ManifestFields(BaseModel):
+    """What applying a patch reads of its ``safety_patch.json``: the patch base's fingerprint (the check that the
+    patch fits the model) and architecture (other keys pass through unchecked)."""
+
+    model_config = ConfigDict(extra="allow")
+    base_model: _PatchBaseFields | None = None
 
 
 def chat_template_sha256(tokenizer: Any) -> str | None:
@@ -121,25 +143,40 @@ def load_patch(folder: Path) -> Patch:
     """Read a patch folder (or any plain PEFT LoRA adapter folder) into a :class:`Patch`.
 
     Raises:
-        PatchError: a file is missing or empty, a tensor key is not a LoRA factor, a module lacks A or B, shapes
-            disagree with the config, or the adapter is DoRA / lora_bias / another unsupported variant.
+        PatchError: ``folder`` is missing, not a folder or a model folder; a file is missing or empty; the config or
+            the manifest is not JSON, not an object or has a field of the wrong type (file and field named); a tensor
+            key is not a LoRA factor, a module lacks A or B, shapes disagree with the config, or the adapter is DoRA
+            / lora_bias / another unsupported variant.
     """
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    if not folder.exists():
+        raise PatchError(f"patch folder {folder} does not exist; give the folder `safetypatch train` wrote (a PEFT "
+                         f"adapter with {ADAPTER_CONFIG}).")
+    if not folder.is_dir():
+        raise PatchError(f"patch {folder} is not a folder; give the patch folder that holds {ADAPTER_CONFIG} and "
+                         f"{ADAPTER_WEIGHTS}.")
+    if not (folder / ADAPTER_CONFIG).is_file() and (folder / "config.json").is_file():
+        raise PatchError(f"{folder} is a model folder, not a LoRA adapter (a full-parameter patch or a merged "
+                         "model?): give it where a model goes (--model, or analyze's --target <folder> --model "
+                         "<its base>), and give a LoRA patch folder here.")
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         path = folder / name
         if not path.is_file() or path.stat().st_size == 0:
             raise PatchError(f"{path} is missing or empty: the adapter was not saved completely (a ZeRO-3 / FSDP "
                              "save without gathering the weights? METHODS.md §5.4). Save it again.")
-    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    config = read_json(folder / ADAPTER_CONFIG, PatchError, what="PEFT adapter config", schema=_AdapterConfigFields,
+                       advice="Save the patch again, or restore the file from its source.")
     try:
         tensors = load_file(str(folder / ADAPTER_WEIGHTS))
     except Exception as exc:  # safetensors raises its own error types for truncated files
         raise PatchError(f"{folder / ADAPTER_WEIGHTS} cannot be read ({exc}); the file is truncated or corrupt.") \
             from exc
     manifest_path = folder / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    manifest = read_json(manifest_path, PatchError, what="patch manifest", schema=_ManifestFields,
+                         advice="Save the patch again, or restore the file from its source.") \
+        if manifest_path.is_file() else None
     return Patch(config=config, factors=_group_factors(tensors, folder), manifest=manifest, folder=folder)
 
 

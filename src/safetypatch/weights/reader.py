@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from safetypatch.errors import ModelError
+from safetypatch.utils.io import read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -170,11 +171,11 @@ class CheckpointReader:
         """The folder's ``config.json`` as a dict (empty when the folder has none).
 
         Raises:
-            ModelError: ``config.json`` is not valid JSON.
+            ModelError: ``config.json`` is not a valid JSON object.
         """
         if self._config is None:
             path = self.folder / CONFIG_FILE
-            self._config = _read_json(path) if path.is_file() else {}
+            self._config = read_json_file(path, "model config") if path.is_file() else {}
         return self._config
 
     def get(self, name: str) -> torch.Tensor:
@@ -214,19 +215,20 @@ def will_need(path: Path, offset: int, length: int) -> None:
         os.close(fd)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path} cannot be read as JSON ({exc}); the file is truncated or corrupt. Download or "
-                         "write it again.") from exc
+def read_json_file(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object file of a checkpoint folder (``config.json``, the shard index).
+
+    Raises:
+        ModelError: it is missing, not JSON or not an object; the message names the file.
+    """
+    return read_json(path, ModelError, what=what, advice="Download or write the checkpoint again.")
 
 
 def _weight_map(folder: Path) -> dict[str, str]:
     """Tensor name → shard file name, from the index or from the single file's header."""
     index = folder / INDEX_FILE
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json_file(index, "shard index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelError(f"{index} has no 'weight_map' (tensor name → shard file); the index is corrupt. "
                              "Download or write the checkpoint again.")
