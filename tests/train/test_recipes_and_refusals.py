@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from safetypatch.errors import ConfigError
-from safetypatch.train.recipes import ALL_LINEAR, MLP, PatchRecipe, RegularizerConfig, get_recipe, parse_mode
+from safetypatch.train.recipes import (
+    ALL_LINEAR,
+    MLP,
+    PatchRecipe,
+    RegularizerConfig,
+    Scheduler,
+    get_recipe,
+    parse_mode,
+)
 from safetypatch.train.refusals import REFUSALS, refusal_category, refusal_for, thinking_for
 
 
@@ -53,8 +61,18 @@ def test_unknown_names_fail_with_suggestions():
         PatchRecipe(layer_range=(2, 9)).layers(4)
     with pytest.raises(ConfigError, match="regulariser"):
         PatchRecipe(mode="full", regularizer=RegularizerConfig())
-    with pytest.raises(ConfigError, match="extra"):
+    with pytest.raises(ConfigError, match="lora_rank: Extra inputs are not permitted"):
         get_recipe("mou", lora_rank=8)
+    with pytest.raises(ConfigError, match=r"lr_scheduler_type: Input should be 'linear', 'cosine'.* \(got 'nosuch'\)"):
+        get_recipe("mou", lr_scheduler_type="nosuch")
+
+
+def test_every_scheduler_a_recipe_takes_is_one_of_transformers():
+    from typing import get_args
+
+    from transformers.trainer_utils import SchedulerType
+
+    assert set(get_args(Scheduler)) <= {s.value for s in SchedulerType}
 
 
 def test_refusal_choice_is_deterministic_seeded_and_category_specific():

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
 
-from safetypatch.config import StrictConfig
+from safetypatch.config import Dtype, StrictConfig
 from safetypatch.errors import ConfigError
 from safetypatch.models.catalog import DEFAULT_MODEL
 from safetypatch.models.loading import load_model
@@ -62,8 +62,8 @@ class ApplyConfig(StrictConfig):
     output: Path | None = Field(None, description="merge: a complete HF model folder; attach: a PEFT adapter folder; "
                                                   "none: the patched model stays in memory only.")
     overwrite: bool = Field(False, description="Replace an existing output.")
-    dtype: str = Field("auto", description="Weights dtype, also of the merged folder: auto, float32, bfloat16 or "
-                                           "float16.")
+    dtype: Dtype = Field("auto", description="Weights dtype, also of the merged folder: auto, float32, bfloat16 or "
+                                             "float16.")
 
     @model_validator(mode="after")
     def _consistent(self) -> ApplyConfig:
@@ -224,7 +224,8 @@ def apply_patch(config: ApplyConfig) -> AppliedModel:
         An :class:`AppliedModel`.
 
     Raises:
-        OutputExistsError: ``output`` exists and ``overwrite`` is false (checked before the model is loaded).
+        OutputExistsError: ``output`` exists and ``overwrite`` is false, or it is not this tool's to replace (a
+            folder of other files, the current folder; checked before the model is loaded).
         ModelError: the target cannot be resolved or loaded, or a tensor of the merged folder does not read back
             as it is in memory (nothing is left at ``output``).
         ModelMismatchError: a patch was made for another architecture, other module names or other shapes.
@@ -233,7 +234,7 @@ def apply_patch(config: ApplyConfig) -> AppliedModel:
     """
     cfg = config
     if cfg.output is not None:
-        ensure_writable(cfg.output, cfg.overwrite)
+        ensure_writable(cfg.output, cfg.overwrite, folder=True)
     loaded = load_model(cfg.model, revision=cfg.revision, dtype=cfg.dtype)
     applied = apply_patch_folders(loaded.model, cfg.patches, weights=cfg.weights, mode=cfg.mode, scale=cfg.scale,
                                   reduction=cfg.overlap_reduction(), fingerprint=loaded.fingerprint.sha256)

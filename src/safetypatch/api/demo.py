@@ -7,7 +7,6 @@ resumes: a finished step is reused when the run's settings (``demo.json``) are u
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,9 +19,9 @@ from safetypatch.api._progress import Progress, StepStarted
 from safetypatch.api.evaluate import EvalConfig, evaluate
 from safetypatch.api.train import TrainConfig, train_patch
 from safetypatch.config import StrictConfig
-from safetypatch.errors import ConfigError
+from safetypatch.errors import ConfigError, OutputExistsError
 from safetypatch.models.catalog import DEFAULT_MODEL
-from safetypatch.utils.io import atomic_write_json
+from safetypatch.utils.io import atomic_write_json, ensure_output_folder, is_tool_output, read_json
 
 T = TypeVar("T")
 STEPS = ("evaluate before", "train patch", "evaluate after", "report")
@@ -102,12 +101,15 @@ def demo(config: DemoConfig | None = None, progress: Progress | None = None,
         The paths, the summary sentences, a few answers before and after, and the time of each step.
 
     Raises:
-        ConfigError: ``output_dir`` holds a run with other settings (use ``overwrite`` or another folder).
+        ConfigError: ``output_dir`` holds a run with other settings (use ``overwrite`` or another folder), or the
+            patch's recipe is invalid (checked before anything runs).
+        OutputExistsError: ``output_dir`` is a file, or a folder of other files than a demo run's.
     """
     from safetypatch.report import compare, summarize, write_report
 
     cfg = config or DemoConfig()
     out = cfg.output_dir
+    demo_train_config(cfg, out / "patch").patch_recipe()  # a bad recipe field fails now, not after the first step
     _claim(out, cfg)
     seconds: dict[str, float] = {}
 
@@ -147,11 +149,18 @@ def demo_train_config(cfg: DemoConfig, patch: Path) -> TrainConfig:
 
 
 def _claim(out: Path, cfg: DemoConfig) -> None:
-    """Record the run's settings in ``out/demo.json``; refuse to resume a run made with other settings."""
+    """Record the run's settings in ``out/demo.json``; refuse a folder of other files, and refuse to resume a run
+    made with other settings."""
     settings = cfg.model_dump(mode="json", exclude={"overwrite", "n_show"})
     marker = out / "demo.json"
+    ensure_output_folder(out)
+    if out.is_dir() and not is_tool_output(out):
+        raise OutputExistsError(f"{out} is a folder of other files than a demo run's (no demo.json); the demo writes "
+                                "before/, patch/, after/ and report.html into its folder, so nothing was changed. "
+                                "Give a new or empty --output-dir.")
     if marker.is_file() and not cfg.overwrite:
-        previous = json.loads(marker.read_text())
+        previous = read_json(marker, ConfigError, what="demo run's settings",
+                             advice="Pass --overwrite to redo the run there, or choose another --output-dir.")
         if previous != settings:
             changed = sorted(k for k in {*settings, *previous} if settings.get(k) != previous.get(k))
             raise ConfigError(f"{out} holds a demo run with other settings ({', '.join(changed)} differ); pass "

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
 from safetypatch.api._progress import Progress
 from safetypatch.api.apply import AppliedPatches, PathList, apply_patch_folders
-from safetypatch.config import StrictConfig
+from safetypatch.config import Dtype, StrictConfig
 from safetypatch.errors import ConfigError
 from safetypatch.models.catalog import DEFAULT_MODEL
 from safetypatch.models.loading import LoadedModel, load_model
@@ -33,7 +33,8 @@ class EvalConfig(StrictConfig):
     preset: str = Field("quick", description="Budget preset: quick (CPU minutes) or full.")
     tasks: list[str] | None = Field(None, description="Tasks to run instead of the preset's.")
     limit: int | None = Field(None, gt=0, description="Most rows per task (seeded sample), for every task.")
-    limits: dict[str, int] = Field(default_factory=dict, description="Most rows per named task; wins over limit.")
+    limits: dict[str, PositiveInt] = Field(
+        default_factory=dict, description="Most rows per named task of the run; wins over limit.")
     max_new_tokens: int | None = Field(None, gt=0, description="Generation length of safety tasks.")
     batch_size: int = Field(64, gt=0, description="Prompts per generation batch (64: twice as fast as 8 on 2 CPU "
                                                   "cores, the same greedy fp32 answers).")
@@ -41,7 +42,7 @@ class EvalConfig(StrictConfig):
                                                     "cores).")
     judges: list[str] | None = Field(None, description="Judges of safety tasks (first = headline).")
     system_prompt: str | None = Field(None, description="System turn sent with every prompt (recorded).")
-    dtype: str = Field("auto", description="Weights dtype: auto, float32, bfloat16 or float16.")
+    dtype: Dtype = Field("auto", description="Weights dtype: auto, float32, bfloat16 or float16.")
     backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend; vllm is parity-gated against hf.")
     seed: int = Field(0, description="Seed of row sampling, templates and generation.")
     output_dir: Path = Field(Path("runs/eval"), description="Results go to <output_dir>/<model>/results_<ts>.json.")
@@ -56,6 +57,27 @@ class EvalConfig(StrictConfig):
             raise ConfigError("EvalConfig: backend vllm serves a patch unmerged (enable_lora + LoRARequest), but "
                               "merge_adapter is true. Drop merge_adapter, or write the merged model with safetypatch "
                               "apply --mode merge -o <folder> and evaluate that folder.")
+        return self
+
+    @model_validator(mode="after")
+    def _known_names(self) -> EvalConfig:
+        """Preset, tasks, judges and the tasks of ``limits`` are checked here, before any model or data loads."""
+        from safetypatch.eval.judges import JUDGES
+        from safetypatch.eval.task import TASKS, load_preset
+
+        preset = load_preset(self.preset)
+        for name in [*(self.tasks or ()), *self.limits]:
+            TASKS.get(name)  # an unknown task fails with close-name suggestions
+        for name in self.judges or ():
+            if name not in JUDGES:
+                JUDGES.get(name)
+        tasks = self.tasks or preset.tasks
+        unused = sorted(set(self.limits) - set(tasks))
+        if unused:
+            source = "tasks, CLI --tasks" if self.tasks else f"preset {self.preset!r}"
+            raise ConfigError(f"EvalConfig: limits names {', '.join(unused)}, which this run does not evaluate; its "
+                              f"tasks are {', '.join(tasks)} (from {source}). Drop {', '.join(unused)} from limits "
+                              "(CLI --limits) or add it to tasks (CLI --tasks).")
         return self
 
 
@@ -82,15 +104,19 @@ def evaluate(config: EvalConfig | None = None, progress: Progress | None = None)
         The results path and headline metrics.
 
     Raises:
-        ConfigError: unknown preset, task or judge. ModelError: the model cannot be loaded.
+        ConfigError: unknown preset, task or judge (see :class:`EvalConfig`). ModelError: the model cannot be loaded.
+        OutputExistsError: ``output_dir`` or a folder above it is a file (checked before the model is loaded).
+        PatchError: an adapter folder is missing or unreadable.
     """
     from safetypatch.eval.evaluator import EvalPlan, ModelUnderTest, run_tasks
     from safetypatch.eval.generate import GenerationProtocol
     from safetypatch.eval.judges import build_judge
     from safetypatch.eval.results import ResultsBuilder, read_results
     from safetypatch.eval.task import load_preset
+    from safetypatch.utils.io import ensure_output_folder
 
     cfg = config or EvalConfig()
+    ensure_output_folder(cfg.output_dir)
     preset = load_preset(cfg.preset)
     start = time.perf_counter()
     loaded = load_model(cfg.model, revision=cfg.revision, dtype=cfg.dtype)

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from safetypatch.api._progress import Progress
-from safetypatch.config import StrictConfig
+from safetypatch.config import Dtype, StrictConfig
 from safetypatch.data.catalog import load_dataset
 from safetypatch.errors import ConfigError
 from safetypatch.models.catalog import DEFAULT_MODEL
@@ -31,7 +31,7 @@ class FinetuneConfig(StrictConfig):
     mode: Literal["lora", "full"] = Field("lora", description="lora (merged into the weights) or full fine-tuning.")
     output: Path = Field(Path("runs/finetune"), description="Model folder (weights, tokenizer, finetune.json).")
     overwrite: bool = Field(False, description="Replace an existing model folder.")
-    dtype: str = Field("auto", description="Weights dtype: auto, float32, bfloat16 or float16.")
+    dtype: Dtype = Field("auto", description="Weights dtype: auto, float32, bfloat16 or float16.")
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def finetune(config: FinetuneConfig | None = None, progress: Progress | None = N
                           f"{process_state().num_processes} (accelerate launch / torchrun), which would all write "
                           f"the model folder. Run it with plain python; safetypatch train runs distributed.")
     cfg = config or FinetuneConfig()
-    ensure_writable(cfg.output, cfg.overwrite)
+    ensure_writable(cfg.output, cfg.overwrite, folder=True)
     start = time.perf_counter()
     recipe = finetune_recipe(cfg.recipe, cfg.mode, cfg.recipe_overrides)
     _refuse_fully_evaluated(cfg.dataset)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from safetypatch.api._progress import Progress
-from safetypatch.config import StrictConfig, load_config
+from safetypatch.config import Dtype, StrictConfig, load_config
 from safetypatch.data.catalog import load_dataset
 from safetypatch.errors import ConfigError, ModelError
 from safetypatch.models.loading import LoadedModel, load_model
@@ -67,7 +67,7 @@ class RestoreJob(StrictConfig):
     anchor_dataset: str = Field("harmbench", description="LSSF anchor set; its train half is used.")
     anchor_seed: int = Field(0, description="Seed of the anchor sample (§3.4: 0).")
     anchor_max_new_tokens: int = Field(256, gt=0, description="Length of the aligned model's refusals (§3.4: 256).")
-    dtype: str = Field("auto", description="Dtype of the aligned model that writes the anchor refusals.")
+    dtype: Dtype = Field("auto", description="Dtype of the aligned model that writes the anchor refusals.")
 
     @field_validator("method")
     @classmethod
@@ -178,7 +178,7 @@ def restore(job: RestoreJob, progress: Progress | None = None) -> RestoreResult:
     folders = {role: _role_folder(role, ref) for role, ref in job.roles().items()}
     context, anchors, record = RestoreContext(), (), {}
     if not job.dry_run:
-        ensure_writable(job.output, job.overwrite)
+        ensure_writable(job.output, job.overwrite, folder=True)
         if needs_anchors(method):
             loaded = load_model(str(folders["aligned_model"]), dtype=job.dtype)
             anchors, record = build_anchors(loaded, job.anchor_dataset, job.n_anchors, job.anchor_seed,
@@ -264,7 +264,7 @@ class ExtractJob(StrictConfig):
         "without a shipped pattern.")
     output: Path = Field(Path("runs/extract"), description="Patch folder (PEFT adapter + safety_patch.json).")
     overwrite: bool = Field(False, description="Replace an existing patch folder.")
-    dtype: str = Field("auto", description="Dtype of the reference model the saved patch is checked on.")
+    dtype: Dtype = Field("auto", description="Dtype of the reference model the saved patch is checked on.")
 
 
 @dataclass(frozen=True)
@@ -312,15 +312,16 @@ def extract(job: ExtractJob) -> ExtractResult:
     from safetypatch.utils.io import ensure_writable
 
     start = time.perf_counter()
-    ensure_writable(job.output, job.overwrite)
+    ensure_writable(job.output, job.overwrite, folder=True)
     target = resolve_model(job.target)
+    target_fingerprint = fingerprint_folder(target.path, target.revision).sha256  # a bad target fails before loading
     reference = load_model(job.reference, dtype=job.dtype)
     extracted = extract_from_checkpoints(target.path, reference.resolved.path, job.rank,
                                          module_map=job.module_map or None)
     details = {key: value for key, value in (extracted.patch.manifest or {}).items() if key != "method"}
     manifest = PatchManifest(method="extract:svd", base_model=reference.provenance(), extra={
         **details, "target": {"model": job.target, "revision": target.revision,
-                              "fingerprint": fingerprint_folder(target.path, target.revision).sha256},
+                              "fingerprint": target_fingerprint},
         "extract_config": job.model_dump(mode="json")})
     save_patch(extracted.patch, job.output, manifest, model=reference.model, overwrite=job.overwrite)
     return ExtractResult(job.output, job.rank, extracted.error, extracted.errors, extracted.unchanged,

@@ -53,7 +53,7 @@ def write_report(result_paths: Sequence[Path | str], out: Path | str, labels: Se
         ConfigError: neither results nor analyses, or labels of the wrong count or with repeats.
     """
     out = Path(out)
-    ensure_writable(out, overwrite)
+    ensure_writable(out, overwrite, folder=False)
     results = [read_results(path) for path in result_paths]
     documents = [read_analysis(path) for path in analyses]
     html = render_html(results, None if labels is None else list(labels), title, documents)

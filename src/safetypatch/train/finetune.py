@@ -146,7 +146,7 @@ def finetune_model(
         PatchError: the merged LoRA update does not change the model's logits (nothing was learnt).
         ModelError: a saved tensor does not read back as trained (nothing is left at ``output``).
     """
-    ensure_writable(output, overwrite)
+    ensure_writable(output, overwrite, folder=True)
     start = time.perf_counter()
     tokenized = tokenize_examples(loaded.tokenizer, finetune_examples(dataset), max_length=recipe.max_length)
     with tempfile.TemporaryDirectory(prefix="safetypatch-finetune-") as scratch:

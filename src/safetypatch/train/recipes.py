@@ -9,15 +9,19 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from safetypatch.config import StrictConfig
+from safetypatch.config import StrictConfig, describe_errors
 from safetypatch.errors import ConfigError
 from safetypatch.registry import Registry
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = ATTENTION + MLP
+Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                    "inverse_sqrt"]
+"""The transformers learning-rate schedulers that run without extra arguments (a test keeps them transformers'),
+restated so that building a recipe loads no transformers."""
 
 
 class RegularizerConfig(StrictConfig):
@@ -53,7 +57,7 @@ class PatchRecipe(StrictConfig):
     layer_range: Literal["middle_third"] | tuple[int, int] | None = Field(
         None, description="None: all layers; [a, b] inclusive; middle_third: ⌊L/3⌋..⌊2L/3⌋−1 (§3.1 step 6).")
     learning_rate: float = Field(5e-5, gt=0, description="AdamW learning rate (Xue code: 5e-5).")
-    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name (Xue code: cosine).")
+    lr_scheduler_type: Scheduler = Field("cosine", description="transformers scheduler name (Xue code: cosine).")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warm-up share of steps (Xue code: 0).")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay (Xue code: 1e-4).")
     num_train_epochs: float = Field(3, gt=0, description="Epochs (not confirmed in the paper; our default 3).")
@@ -156,8 +160,9 @@ def get_recipe(name: str, **overrides: Any) -> PatchRecipe:
     base = parse_mode(name) if name.startswith("lora_") else dict(RECIPES.get(name))
     try:
         return PatchRecipe(**{**base, **overrides})
-    except ValueError as exc:
-        raise ConfigError(f"recipe {name!r} with overrides {sorted(overrides)} is invalid: {exc}") from exc
+    except ValidationError as exc:
+        raise ConfigError(f"recipe {name!r} with overrides {sorted(overrides)} is invalid: {describe_errors(exc)}") \
+            from exc
 
 
 def parse_mode(mode: str) -> dict[str, Any]:
