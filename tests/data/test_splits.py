@@ -85,6 +85,8 @@ def test_bad_sizes_are_refused(toy):
         split_dataset(toy, n_eval=100)
     with pytest.raises(DataError, match="1 distinct prompt"):
         split_dataset(_dataset(NEAR_DUPLICATES), n_eval=1)
+    with pytest.raises(DataError, match=r"dataset 'one' \(/data/one\.jsonl\) has 1 row\(s\) and 1 distinct prompt"):
+        split_dataset(Dataset("one", toy.rows[:1], "/data/one.jsonl"), eval_fraction=0.5)
 
 
 def test_check_no_overlap_reports_count_and_examples():

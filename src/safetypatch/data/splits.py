@@ -84,12 +84,16 @@ def split_dataset(
         ConfigError: both or neither size given, or a size that leaves a side empty.
         DataError: the dataset has fewer than two distinct prompts.
     """
-    target = _eval_size(len(ds), n_eval, eval_fraction)
     groups: dict[str, list[int]] = {}
     for index, row in enumerate(ds.rows):
         groups.setdefault(normalize_prompt(row.prompt), []).append(index)
     if len(groups) < 2:
-        raise DataError(f"dataset {ds.name!r} has {len(groups)} distinct prompt(s); a disjoint split needs two.")
+        raise DataError(f"dataset {ds.name!r} ({ds.source}) has {len(ds)} row(s) and {len(groups)} distinct "
+                        "prompt(s); a disjoint train/eval split needs two distinct prompts. Add rows to it.")
+    try:
+        target = _eval_size(len(ds), n_eval, eval_fraction)
+    except ConfigError as exc:
+        raise ConfigError(f"dataset {ds.name!r} ({ds.source}): {exc}") from exc
     order = sorted(groups, key=lambda key: hashlib.sha256(f"{seed}\x00{key}".encode()).hexdigest())
     chosen: set[int] = set()
     for key in order:
