@@ -8,10 +8,16 @@ analyze).
 from __future__ import annotations
 
 from safetypatch.cli import catalog, evaluation, patches, weights
-from safetypatch.cli._app import app
+from safetypatch.cli._app import UNEXPECTED_EXIT, app, report_unexpected
 
 __all__ = ["app", "catalog", "evaluation", "main", "patches", "weights"]
 
 
 def main() -> None:
-    app()
+    """The ``safetypatch`` command. Every verb reports its own errors (``friendly``); an unexpected failure outside
+    one (while starting up or parsing options) is reported the same way: one line and a log file, exit code 1."""
+    try:
+        app()
+    except Exception as exc:
+        report_unexpected("safetypatch", exc)
+        raise SystemExit(UNEXPECTED_EXIT) from exc

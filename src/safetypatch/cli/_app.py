@@ -5,15 +5,21 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
+import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -36,20 +42,53 @@ console = Console(stderr=True)
 out = Console()
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file of options; flags given here win.")]
+UNEXPECTED_EXIT = 1
+"""Exit code of an unexpected failure (a bug); the project's own errors (bad input) exit with 2."""
+_state = {"verbose": False}
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a SafetypatchError into a one-paragraph message and exit code 2, without a traceback."""
+    """Turn a SafetypatchError into a one-paragraph message and exit code 2, without a traceback; turn any other
+    exception into one line naming it and a log file holding its traceback (shown too with ``-v``), exit code 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except SafetypatchError as exc:
-            console.print(f"[bold red]error:[/] {exc}")
+            console.print(f"[bold red]error:[/] {escape(str(exc))}")
             raise typer.Exit(2) from exc
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            report_unexpected(fn.__name__, exc)
+            raise typer.Exit(UNEXPECTED_EXIT) from exc
 
     return wrapper
+
+
+def report_unexpected(verb: str, exc: BaseException) -> Path | None:
+    """Write ``exc``'s traceback to a log file under ``$SAFETYPATCH_HOME/logs`` and say in one line what failed,
+    where the traceback is and how to report it (the traceback is printed too under ``-v``); returns the log file."""
+    text = "".join(traceback.format_exception(exc))
+    verb = verb.rstrip("_")  # eval_ is the eval verb
+    log = None
+    with contextlib.suppress(Exception):  # the report must not fail in its turn (a read-only home, a full disk)
+        from safetypatch.utils.paths import home
+
+        path = home() / "logs" / f"safetypatch-{verb}-{datetime.now():%Y%m%d-%H%M%S-%f}-{os.getpid()}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        log = path
+    if _state["verbose"]:
+        console.print(escape(text), end="", highlight=False)
+    where = f"the full traceback is in {log}" if log is not None else "the traceback could not be saved"
+    shown = "" if _state["verbose"] else " (run again with -v to see it here)"
+    line = (f"{verb} failed unexpectedly: {type(exc).__name__}: {exc}; {where}{shown}. This is a bug in safetypatch, "
+            "not a problem with your input: please report it to the safetypatch developers with that file, the "
+            "command you ran and the output of `safetypatch env`.")
+    console.print(f"[bold red]error:[/] {escape(line)}")
+    return log
 
 
 @app.callback()
@@ -62,6 +101,7 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log pro
     # PEFT warns whenever a patch is attached to a model folder other than the one named in its adapter config, which
     # is what attaching to a descendant means; safetypatch reports the fingerprint difference itself.
     warnings.filterwarnings("ignore", message=r".*`base_model_name_or_path` was renamed.*", category=UserWarning)
+    _state["verbose"] = verbose
     # Under accelerate launch (or torchrun) every process runs the CLI; only the first one talks.
     console.quiet = out.quiet = os.environ.get("RANK", "0") != "0"
     logging.basicConfig(
@@ -72,19 +112,41 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log pro
 
 
 class TaskBars:
-    """The ``(what, done, total)`` progress callback of the api verbs, drawn as one bar per ``what``."""
+    """The ``(what, done, total)`` progress callback of the api verbs, drawn as one bar per ``what``; off a terminal
+    (output to a file or a pipe) it prints a plain line per ``what`` when it starts, every 10 % or minute, and when
+    it ends, with the time spent and the time left at the pace so far."""
+
+    LINE_EVERY_SECONDS = 60.0
 
     def __init__(self, display: Progress) -> None:
         self.display = display
         self.bars: dict[str, Any] = {}
+        self.lines: dict[str, tuple[float, float, int]] = {}  # what → (start, last line time, last tenth shown)
 
     def __call__(self, what: str, done: int, total: int | None) -> None:
+        if self.display.disable:
+            self._line(what, done, total)
+            return
         self.bars.setdefault(what, self.display.add_task(what, total=total))
         self.display.update(self.bars[what], completed=done, total=total)
 
     def reset(self) -> None:
         """Start new bars for the next step (a ``what`` seen before gets a bar of its own again)."""
         self.bars.clear()
+        self.lines.clear()
+
+    def _line(self, what: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        start, last, tenth = self.lines.setdefault(what, (now, -math.inf, -1))
+        now_tenth = 10 * done // total if total else 0
+        finished = total is not None and done >= total
+        if not (finished or now_tenth > tenth or now - last >= self.LINE_EVERY_SECONDS):
+            return
+        self.lines[what] = (start, now, now_tenth)
+        spent = now - start
+        share = f"{done}/{total} ({100 * done / total:.0f} %)" if total else f"{done}"
+        left = f", about {spent / done * (total - done) / 60:.1f} min left" if total and 0 < done < total else ""
+        console.print(f"{what}: {share}, {spent / 60:.1f} min{left}", highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
