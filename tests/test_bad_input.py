@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer
+from typer.exceptions import TyperException
 from typer.testing import CliRunner
 
 from safetypatch.cli import app
@@ -428,6 +430,10 @@ OPTION_CASES = [
     Case("restore-missing-role", (*RESTA[:-2], "-o", "{work}/out"), ConfigError, ("target_model",)),
     Case("analyze-svd-method-unknown", (*ANALYZE, "--svd-method", "nosuch", "-o", "{work}/out"), ConfigError,
          ("svd_method",)),
+    Case("train-set-twice", (*TRAIN, "--set", "r=2", "--set", "r=4", "-o", "{work}/out"), typer.BadParameter,
+         ("r is set twice", "'2'", "'4'")),
+    Case("eval-limits-not-pairs", (*EVAL, "--limits", "arc-easy"), typer.BadParameter, ("name=value", "arc-easy")),
+    Case("apply-unknown-option", (*APPLY, "--nosuch", "1"), TyperException, ("--nosuch",)),
     Case("analyze-patch-and-target", (*ANALYZE, "--target", "{model}", "-o", "{work}/out"), ConfigError,
          ("patch", "target")),
 ]
@@ -578,7 +584,8 @@ def test_bad_input(case: Case, shared: Paths, tmp_path: Path, monkeypatch: pytes
         message = str(caught.value)
     else:
         run = CliRunner().invoke(app, [arg.format(**paths) for arg in case.command])
-        message = run.output[run.output.find("error:"):] if "error:" in run.output else ""
+        # From the error line on (the verb's opening line names its inputs too); typer's own usage errors have none.
+        message = run.output[run.output.find("error:"):] if "error:" in run.output else run.output
         assert run.exit_code == case.exit_code, f"exit {run.exit_code}: {run.output}\n{run.exception!r}"
         assert isinstance(run.exception, SystemExit), f"uncaught {run.exception!r}: {run.output}"
         raised = [exc for exc in _chain(run.exception) if isinstance(exc, case.error)]

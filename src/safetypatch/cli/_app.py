@@ -15,7 +15,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -29,6 +28,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from typer.exceptions import TyperException
 
 from safetypatch.errors import SafetypatchError
 
@@ -58,7 +58,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except SafetypatchError as exc:
             console.print(f"[bold red]error:[/] {escape(str(exc))}")
             raise typer.Exit(2) from exc
-        except (typer.Exit, typer.Abort, click.exceptions.ClickException, KeyboardInterrupt):
+        except (typer.Exit, typer.Abort, TyperException):  # usage errors: typer prints them itself
             raise
         except Exception as exc:
             report_unexpected(fn.__name__, exc)
