@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from safetypatch.analysis.hidden import decoder_layers, layer_shift, residual_states, select_prompts
+from safetypatch.analysis.hidden import layer_shift, residual_states, select_prompts
 from safetypatch.errors import ConfigError
+from safetypatch.models.blocks import decoder_layers
 from safetypatch.patch.factors import LoraFactors, Patch
 from safetypatch.patch.probe import peft_attached
 from tests.patch.helpers import random_patch

@@ -18,7 +18,8 @@ from typing import Any, Literal
 import torch
 
 from safetypatch.data import canonical_split, load_dataset, normalize_prompt
-from safetypatch.errors import ConfigError, ModelError
+from safetypatch.errors import ConfigError
+from safetypatch.models.blocks import decoder_layers
 from safetypatch.models.chat import render_user_turn
 from safetypatch.utils.hashing import sha256_json
 
@@ -58,21 +59,6 @@ def select_prompts(kind: str, dataset: str, n: int, seed: int) -> PromptSet:
     record = {"dataset": dataset, "split": "eval", "eval_sha256": split.eval_sha256, "seed": seed,
               "n": len(picked), "sha256": sha256_json(picked)}
     return PromptSet(kind, tuple(picked), record)
-
-
-def decoder_layers(model: Any) -> torch.nn.ModuleList:
-    """The decoder blocks of a causal LM or of a PEFT model around one.
-
-    Raises:
-        ModelError: the model has no ``layers`` list of ``num_hidden_layers`` blocks.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = getattr(base.get_decoder(), "layers", None)
-    expected = getattr(base.config.get_text_config(), "num_hidden_layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or len(layers) != expected:
-        raise ModelError(f"{type(base).__name__}: no list of {expected} decoder blocks at get_decoder().layers, so "
-                         "the hidden-state shift cannot be measured; set hidden_shift: false for this model.")
-    return layers
 
 
 @torch.no_grad()

@@ -86,6 +86,13 @@ class PatchRecipe(StrictConfig):
         "ce", description="Loss on the retain answers: ce, cross-entropy on the model's own greedy tokens; kl, "
                           "KL(unpatched ‖ patched) over whole next-token distributions along them (self-distillation; "
                           "LoRA only, one process; ours).")
+    representation_weight: float = Field(
+        0.0, ge=0, description="Weight λ of the representation term: harmful prompts' hidden states pushed along the "
+                               "unpatched model's refusal direction, benign ones kept from moving along it "
+                               "(train.representation; ours, 0 = off).")
+    representation_layers: tuple[int, ...] | None = Field(
+        None, description="Decoder blocks the representation term reads; None: the block at 55 % of the depth "
+                          "(16 of SmolLM2's 30).")
     regularizer: RegularizerConfig | None = Field(None, description="Xue's overlap regulariser (§3.2), or none.")
 
     @model_validator(mode="after")
@@ -103,6 +110,19 @@ class PatchRecipe(StrictConfig):
         if not self.target_modules:
             raise ConfigError("PatchRecipe: target_modules is empty; name at least one module (e.g. up_proj).")
         return self
+
+    def steered_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The decoder blocks of the representation term in a model with ``num_layers`` blocks.
+
+        Raises:
+            ConfigError: a block outside the model.
+        """
+        layers = self.representation_layers or (int(0.55 * num_layers),)
+        outside = [layer for layer in layers if not 0 <= layer < num_layers]
+        if outside:
+            raise ConfigError(f"representation_layers {outside} are outside the model's {num_layers} blocks "
+                              f"(0..{num_layers - 1}).")
+        return tuple(layers)
 
     def layers(self, num_layers: int) -> list[int] | None:
         """The layer indices to adapt in a model with ``num_layers`` blocks (None = all).

@@ -25,11 +25,20 @@ from typing import Any
 import torch
 
 from safetypatch.errors import ConfigError, DataError
+from safetypatch.models.blocks import decoder_layers
 from safetypatch.train.distributed import Launch, export_if_sharded, launch_of, resolve_precision
 from safetypatch.train.examples import TokenizedExample, check_supervision, end_of_turn_ids, refusal_openings
 from safetypatch.train.loss import IGNORE_INDEX, completion_loss, supervised_logits
 from safetypatch.train.recipes import PatchRecipe
 from safetypatch.train.regularizer import OverlapRegularizer
+from safetypatch.train.representation import (
+    RefusalDirection,
+    capture,
+    fit_direction,
+    prompt_states,
+    representation_loss,
+    targets,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +77,8 @@ class TrainResult:
         refusal_openings: the token ids the retain unlikelihood term pushes down (empty when it is off).
         unlikelihood_examples: retain examples that term applies to (those whose own answer opens otherwise).
         distilled_examples: retain examples trained by KL from the unpatched model (recipe ``retain_loss='kl'``).
+        refusal_direction: the representation term's layers and unpatched harmful and benign mean projections (empty
+            when the term is off).
         exported: on the main process of an FSDP or DeepSpeed run, the folder Trainer gathered the trained weights
             into (a PEFT adapter folder in LoRA mode, a model folder in full mode); None otherwise.
     """
@@ -83,6 +94,7 @@ class TrainResult:
     refusal_openings: tuple[int, ...] = ()
     unlikelihood_examples: int = 0
     distilled_examples: int = 0
+    refusal_direction: dict[str, Any] = field(default_factory=dict)
     exported: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,6 +159,7 @@ def train_refusal_patch(
         supervised_fraction=fraction, regularizer=final_r, launch=launch_of(trainer),
         refusal_openings=trainer.openings, unlikelihood_examples=int(sum(trainer.train_dataset["unlikely"])),
         distilled_examples=int(sum(trainer.train_dataset["distill"])),
+        refusal_direction=trainer.direction.to_dict() if trainer.direction is not None else {},
         exported=exported,
     )
 
@@ -176,9 +189,11 @@ def make_trainer(
     from transformers import PrinterCallback, set_seed
 
     set_seed(recipe.seed)
+    direction, columns = _refusal_direction(model, train_examples, recipe)
     model = _prepare_model(model, recipe)
     openings = refusal_openings(train_examples) if recipe.retain_unlikelihood > 0 else ()
     dataset = Dataset.from_dict({
+        **columns,
         "input_ids": [list(ex.input_ids) for ex in train_examples],
         "completion_mask": [list(ex.completion_mask) for ex in train_examples],
         "loss_weight": [ex.weight for ex in train_examples],
@@ -196,6 +211,7 @@ def make_trainer(
             data_collator=_WeightedCollator(_pad_id(tokenizer)), callbacks=[recorder, *(callbacks or [])],
             regularizer=regularizer, lead=(recipe.lead_tokens, recipe.lead_weight),
             unlikelihood=(openings, recipe.retain_unlikelihood),
+            representation=(direction, recipe.representation_weight),
         )
     if regularizer is not None and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
         raise ConfigError("the overlap regulariser reads the LoRA factors and W_0 directly, which FSDP and DeepSpeed "
@@ -207,6 +223,24 @@ def make_trainer(
     trainer.remove_callback(PrinterCallback)  # library code reports through `progress`, never stdout
     trainer.recorder = recorder
     return trainer
+
+
+def _refusal_direction(model: Any, examples: Sequence[TokenizedExample],
+                       recipe: PatchRecipe) -> tuple[RefusalDirection | None, dict[str, list[Any]]]:
+    """The unpatched model's refusal direction and the representation term's per-example columns (``rep_target``,
+    ``rep_harmful``), or (None, {}) when the term is off."""
+    if recipe.representation_weight == 0:
+        return None, {}
+    layers = recipe.steered_layers(model.config.get_text_config().num_hidden_layers)
+    harmful = torch.tensor([ex.kind == "refusal" for ex in examples])
+    was_training = model.training
+    model.eval()
+    states = prompt_states(model, examples, layers)
+    model.train(was_training)
+    direction = fit_direction(states, harmful, layers)
+    logger.info("refusal direction at layers %s: harmful mean %s, benign mean %s", list(layers),
+                direction.harmful_mean.tolist(), direction.benign_mean.tolist())
+    return direction, {"rep_target": targets(direction, states, harmful).tolist(), "rep_harmful": harmful.tolist()}
 
 
 def lora_config(recipe: PatchRecipe, num_layers: int) -> Any:
@@ -280,6 +314,9 @@ class _WeightedCollator:
         batch["loss_weight"] = torch.tensor([float(ex["loss_weight"]) for ex in examples])
         batch["unlikely"] = torch.tensor([bool(ex["unlikely"]) for ex in examples])
         batch["distill"] = torch.tensor([bool(ex["distill"]) for ex in examples])
+        if "rep_target" in examples[0]:
+            batch["rep_target"] = torch.tensor([ex["rep_target"] for ex in examples])
+            batch["rep_harmful"] = torch.tensor([bool(ex["rep_harmful"]) for ex in examples])
         return batch
 
 
@@ -344,8 +381,10 @@ def _trainer_class() -> type:
 
         def __init__(self, *args: Any, regularizer: OverlapRegularizer | None = None,
                      lead: tuple[int, float] = (0, 1.0),
-                     unlikelihood: tuple[tuple[int, ...], float] = ((), 0.0), **kwargs: Any) -> None:
+                     unlikelihood: tuple[tuple[int, ...], float] = ((), 0.0),
+                     representation: tuple[RefusalDirection | None, float] = (None, 0.0), **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            self.direction, self.representation_weight = representation
             self.regularizer = regularizer
             self.lead = lead
             self.openings, self.unlikelihood_weight = unlikelihood
@@ -356,7 +395,8 @@ def _trainer_class() -> type:
 
         def _set_signature_columns_if_needed(self) -> None:
             if self._signature_columns is None:
-                self._signature_columns = ["input_ids", "labels", "loss_weight", "unlikely", "distill"]
+                self._signature_columns = ["input_ids", "labels", "loss_weight", "unlikely", "distill", "rep_target",
+                                           "rep_harmful"]
 
         def _get_train_sampler(self, train_dataset=None):
             # Trainer groups lengths per process and shuffles with the global RNG, for which accelerate substitutes
@@ -375,6 +415,7 @@ def _trainer_class() -> type:
             weights = inputs.pop("loss_weight", None)
             unlikely = inputs.pop("unlikely", None)
             distill = inputs.pop("distill", None)
+            rep_target, rep_harmful = inputs.pop("rep_target", None), inputs.pop("rep_harmful", None)
             labels = inputs.pop("labels")
             wrapped = self.is_fsdp_enabled or self.accelerator.unwrap_model(model) is not model
             distilled = distill is not None and bool(distill.any())
@@ -385,18 +426,29 @@ def _trainer_class() -> type:
             # The fast path calls the backbone and the LM head itself, around the autocast that accelerate wraps
             # the model's forward in: without this context bf16/fp16 would train in the weights' dtype (fp32 on a
             # CPU) while the manifest said bf16.
+            steer = self.direction is not None and rep_target is not None
+            reading = capture(decoder_layers(self.accelerator.unwrap_model(model)), self.direction.layers) if steer \
+                else contextlib.nullcontext([])
             with self.accelerator.autocast():
                 teacher = self._teacher_logits(model, inputs, labels, distill) if distilled else None
-                loss, count = completion_loss(model, inputs, labels, weights, num_items_in_batch,
-                                              lead_tokens=self.lead[0], lead_weight=self.lead[1], unlikely=unlikely,
-                                              openings=self.openings, unlikelihood_weight=self.unlikelihood_weight,
-                                              distill=distill, teacher_logits=teacher, wrapped=wrapped)
+                with reading as states:
+                    loss, count = completion_loss(model, inputs, labels, weights, num_items_in_batch,
+                                                  lead_tokens=self.lead[0], lead_weight=self.lead[1],
+                                                  unlikely=unlikely, openings=self.openings,
+                                                  unlikelihood_weight=self.unlikelihood_weight, distill=distill,
+                                                  teacher_logits=teacher, wrapped=wrapped)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 # As SFTTrainer.compute_loss: num_items_in_batch counts every process's tokens while DDP averages
                 # the gradients over the processes. The penalty below is the same on every process: not scaled.
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())
             mode = "train" if model.training else "eval"
             self._metrics[mode]["supervised_tokens"].append(float(count))
+            if steer:
+                positions = (labels[:, 1:] != IGNORE_INDEX).int().argmax(dim=1)
+                term = representation_loss(states, positions, rep_target, rep_harmful, self.direction)
+                steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+                loss = loss + self.representation_weight * term / steps
+                self._metrics[mode]["representation_term"].append(float(term.detach()))
             if self.regularizer is not None:
                 penalty = self.regularizer()
                 steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
