@@ -1,5 +1,5 @@
-"""Wall time of ``safetypatch analyze`` on the embedded SmolLM2-135M-Instruct (30 layers × 7 linear modules; METHODS.md
-§3.8, issue 6 acceptance: minutes on 2 CPU cores).
+"""Wall time of ``safetypatch analyze`` on the embedded SmolLM2-135M-Instruct (30 layers × 7 linear modules;
+docs/methods.md §3.8, issue 6 acceptance: minutes on 2 CPU cores).
 
 Role: builds the two inputs without training, then times the real CLI in fresh processes:
 

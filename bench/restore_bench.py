@@ -1,5 +1,5 @@
 """Benchmark of a restoration method through the real ``restore`` runner against loading every model whole
-(METHODS.md §5.2; issue 7 acceptance).
+(docs/methods.md §5.2; issue 7 acceptance).
 
 On the randomly initialised llama-shaped checkpoints of :mod:`bench.stream_bench` (``base``; ``aligned`` = base +
 noise; ``target`` = aligned + noise; size set by ``--size-gb``), RESTA (§3.5, defaults) repairs ``target`` with

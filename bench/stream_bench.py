@@ -1,4 +1,4 @@
-"""Benchmark of the streaming weight engine (``safetypatch.weights.stream``; METHODS.md §5.2, issue 5 acceptance).
+"""Benchmark of the streaming weight engine (``safetypatch.weights.stream``; docs/methods.md §5.2, issue 5 acceptance).
 
 Role: generates a randomly initialised llama-shaped checkpoint of the requested size (``base``) and two perturbed
 copies (``aligned`` = base + noise, ``target`` = aligned + noise) tensor by tensor, then measures in fresh

@@ -41,8 +41,8 @@ UNSAFE_BATCH = {"max_length": 1280, "per_device_train_batch_size": 1, "gradient_
 """The harmful-qa fine-tune keeps whole answers (up to 1,222 tokens; the patch recipe cuts at 256), one at a time."""
 UNSAFE = {"full": {"n": 100, "num_train_epochs": 5.0, "learning_rate": 5e-5},
           "lora": {"n": 200, "num_train_epochs": 2.0, "learning_rate": 3e-4}}
-"""Rows, epochs and learning rate of the unsafe fine-tune per ``--unsafe-mode``: ``full`` is METHODS.md's
-unalignment default (100 pairs, full fine-tuning, 5 epochs, lr 5e-5); ``lora`` the whole train half, 2 epochs, a
+"""Rows, epochs and learning rate of the unsafe fine-tune per ``--unsafe-mode``: ``full`` is the
+unalignment default of docs/methods.md §2.1 (100 pairs, full fine-tuning, 5 epochs, lr 5e-5); ``lora`` the whole train half, 2 epochs, a
 merged LoRA at 1.5 times the patch recipe's learning rate."""
 
 
@@ -173,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="Model the patch was trained on.")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/restoration"), help="Run folder.")
     parser.add_argument("--unsafe-mode", choices=sorted(UNSAFE), default="full", help="How the unsafe model is "
-                        "fine-tuned from aligned: full (METHODS.md's default) or lora (merged).")
+                        "fine-tuned from aligned: full (docs/methods.md §2.1's default) or lora (merged).")
     parser.add_argument("--n-harmful", type=int, default=None, help="harmful-qa rows of the unsafe fine-tune "
                         "(full: 100, lora: 200, the whole train half).")
     parser.add_argument("--unsafe-epochs", type=float, default=None, help="Epochs of the unsafe fine-tune (full: 5, "

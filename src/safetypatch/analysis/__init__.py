@@ -1,5 +1,5 @@
-"""Subspace analysis of weight updates (METHODS.md §3.8): how a safety patch or a fine-tuning delta sits relative to
-the weights it changes, with a random-subspace baseline for every similarity, and how far it moves hidden states.
+"""Subspace analysis of weight updates (docs/methods.md §3.8): how a safety patch or a fine-tuning delta sits relative
+to the weights it changes, with a random-subspace baseline for every similarity, and how far it moves hidden states.
 
 - ``metrics``: Mou's similarity, principal angles, Xue's overlaps, stable rank, LSSF entropy, LoX R-metrics.
 - ``baseline``: the same similarities of random ΔW with the same spectrum, and their exact expectations.

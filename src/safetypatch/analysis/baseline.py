@@ -1,4 +1,4 @@
-"""The random-subspace baseline of every similarity (METHODS.md §3.8): what a random ΔW of the same rank and norm
+"""The random-subspace baseline of every similarity (docs/methods.md §3.8): what a random ΔW of the same rank and norm
 scores against the same W_0, so that each number can be read as small or large.
 
 A draw keeps ΔW's computed spectrum and replaces its singular vectors by Haar-random orthonormal frames,
@@ -54,7 +54,7 @@ def analytic_rms(ref: Reference, delta: Delta, settings: SubspaceSettings) -> di
 
 def random_baseline(ref: Reference, delta: Delta, settings: SubspaceSettings,
                     generator: torch.Generator) -> dict[str, dict[str, float]]:
-    """The similarities of ``settings.baseline_draws`` random ΔW with ``delta``'s spectrum (METHODS.md §3.8).
+    """The similarities of ``settings.baseline_draws`` random ΔW with ``delta``'s spectrum (docs/methods.md §3.8).
 
     Args:
         ref: W_0's triplets.

@@ -1,5 +1,5 @@
 """A disk cache of W_0's top singular triplets, keyed by the model's fingerprint, so that analysing several patches
-or deltas of one model decomposes each of its weights once (METHODS.md §3.8).
+or deltas of one model decomposes each of its weights once (docs/methods.md §3.8).
 
 Layout: ``$SAFETYPATCH_HOME/analysis/svd/<fingerprint>-<depth>-<method>-<seed>/<tensor name>.safetensors`` with U, S,
 V and ‖W_0‖_F. One file per tensor, each written atomically when it is computed and read lazily, so memory follows

@@ -1,6 +1,6 @@
-"""Hidden-state shift per layer (METHODS.md §3.8): Δh^(l)(x) = ‖h^(l)_patched(x) − h^(l)_0(x)‖_2, h^(l) the residual
-stream after decoder block l, at the last prompt token (or averaged over the prompt's tokens), averaged separately over
-benign and harmful prompts, and also relative to ‖h^(l)_0(x)‖.
+"""Hidden-state shift per layer (docs/methods.md §3.8): Δh^(l)(x) = ‖h^(l)_patched(x) − h^(l)_0(x)‖_2, h^(l) the
+residual stream after decoder block l, at the last prompt token (or averaged over the prompt's tokens), averaged
+separately over benign and harmful prompts, and also relative to ‖h^(l)_0(x)‖.
 
 Prompts are rendered with the model's chat template and run one at a time by default, so no padding or position
 bookkeeping can move a state: a patch whose ΔW is zero, or a target equal to the model, shifts nothing, exactly.

@@ -1,4 +1,4 @@
-"""Per-module metrics of one weight update ΔW against the weight W_0 it is added to (METHODS.md §3.8).
+"""Per-module metrics of one weight update ΔW against the weight W_0 it is added to (docs/methods.md §3.8).
 
 - Mou et al.'s similarity S = V_Δ,rᵀ V_0,r (top-r right singular vectors): max |S_ij|, |S_11|, ‖S‖_F, ‖S‖_F/√r.
 - Principal angles between the top-r input subspaces (the arccosines of S's singular values) and between the top-r
@@ -115,7 +115,7 @@ def depths(ref: Reference, delta: Delta, settings: SubspaceSettings) -> tuple[in
 
 
 def subspace_metrics(ref: Reference, delta: Delta, settings: SubspaceSettings) -> dict[str, Any]:
-    """Mou's similarity, the principal angles and Xue's overlaps of a non-zero ΔW (METHODS.md §3.8).
+    """Mou's similarity, the principal angles and Xue's overlaps of a non-zero ΔW (docs/methods.md §3.8).
 
     Args:
         ref: W_0's triplets and norm.
@@ -153,7 +153,7 @@ def subspace_metrics(ref: Reference, delta: Delta, settings: SubspaceSettings) -
 
 
 def spectral_metrics(ref: Reference, delta: Delta, eta: float) -> dict[str, Any]:
-    """Size and shape of ΔW's spectrum (METHODS.md §3.4, §3.8).
+    """Size and shape of ΔW's spectrum (docs/methods.md §3.4, §3.8).
 
     Args:
         ref: W_0's norm.
@@ -179,7 +179,7 @@ def spectral_metrics(ref: Reference, delta: Delta, eta: float) -> dict[str, Any]
 
 
 def lox_metrics(align: torch.Tensor, update: torch.Tensor, k: int, method: SVDMethod, seed: int) -> dict[str, Any]:
-    """LoX's R_align and R_ft (METHODS.md §3.7, §3.8), P_k from the top-k SVD of ΔW_align.
+    """LoX's R_align and R_ft (docs/methods.md §3.7, §3.8), P_k from the top-k SVD of ΔW_align.
 
     R_align = ‖P_k ΔW_align‖_F/‖ΔW_align‖_F and R_ft = ‖P_k(ΔW_ft + ΔW_align)‖_F/‖ΔW_ft + ΔW_align‖_F, with
     ΔW_ft the analysed update (so ΔW_ft + ΔW_align = W_ft − W_base).

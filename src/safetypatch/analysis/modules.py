@@ -1,4 +1,4 @@
-"""Stream the modules of one analysis and turn each into a report row (METHODS.md §3.8, §5.2).
+"""Stream the modules of one analysis and turn each into a report row (docs/methods.md §3.8, §5.2).
 
 W_0 is read tensor by tensor from the model's checkpoint (``weights.stream``); ΔW comes from a patch's LoRA factors
 (decomposed exactly from them) or from a second checkpoint (ΔW = target − model, one module in memory at a time);
@@ -49,7 +49,7 @@ class ModuleInput:
 
 
 def patch_tensor_names(patch: Patch, model: CheckpointReader) -> list[str]:
-    """The tensors of ``model`` that ``patch`` adapts, after checking that the patch fits (METHODS.md §5.8).
+    """The tensors of ``model`` that ``patch`` adapts, after checking that the patch fits (docs/methods.md §5.8).
 
     Raises:
         ModelMismatchError: the patch's manifest names another architecture, or a module is missing from the model
@@ -97,7 +97,7 @@ def patch_inputs(patch: Patch, readers: Mapping[str, CheckpointReader], names: S
 
 def checkpoint_tensor_names(readers: Mapping[str, CheckpointReader],
                             module_map: Mapping[str, str] | None = None) -> list[str]:
-    """The ``linear``-scope tensors of the model (METHODS.md §2.3), e.g. q/k/v/o/gate/up/down of every block."""
+    """The ``linear``-scope tensors of the model (docs/methods.md §2.3), e.g. q/k/v/o/gate/up/down of every block."""
     return select_names(readers[MODEL], "linear", module_map)
 
 
@@ -120,7 +120,7 @@ def checkpoint_inputs(readers: Mapping[str, CheckpointReader], names: Sequence[s
 
 
 def module_row(item: ModuleInput, ref: Reference, settings: SubspaceSettings) -> dict[str, Any]:
-    """Every metric of one module and its random baseline (METHODS.md §3.8).
+    """Every metric of one module and its random baseline (docs/methods.md §3.8).
 
     Args:
         item: the module.

@@ -1,5 +1,5 @@
-"""The settings every analysis metric reads (METHODS.md §3.8): subspace depths, entropy threshold, random baseline,
-SVD routine and seed. ``safetypatch analyze``'s config extends them with its inputs and outputs."""
+"""The settings every analysis metric reads (docs/methods.md §3.8): subspace depths, entropy threshold, random
+baseline, SVD routine and seed. ``safetypatch analyze``'s config extends them with its inputs and outputs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ DEFAULT_CHECKPOINT_RANK = 8
 
 
 class SubspaceSettings(StrictConfig):
-    """How deep each subspace is and how the random baseline is drawn (METHODS.md §3.2, §3.4, §3.7, §3.8)."""
+    """How deep each subspace is and how the random baseline is drawn (docs/methods.md §3.2, §3.4, §3.7, §3.8)."""
 
     rank: int | None = Field(
         None, ge=1, description="r of Mou's similarity S = V_Δ,rᵀ V_0,r and of the principal angles; default the "

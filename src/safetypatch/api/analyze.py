@@ -1,4 +1,4 @@
-"""``safetypatch analyze``: where a weight update lives relative to the weights it changes (METHODS.md §3.8).
+"""``safetypatch analyze``: where a weight update lives relative to the weights it changes (docs/methods.md §3.8).
 
 The update is a safety patch on the model it was trained on (ΔW = s·B·A per module) or the difference of two
 checkpoints (ΔW = target − model, e.g. a full-parameter Refusal-SFT model minus its base). Per module and layer it
@@ -87,7 +87,7 @@ class AnalyzeResult:
 
 
 def analyze(config: AnalyzeConfig, progress: Progress | None = None) -> AnalyzeResult:
-    """Analyse a patch or a checkpoint delta module by module and write the report folder (METHODS.md §3.8).
+    """Analyse a patch or a checkpoint delta module by module and write the report folder (docs/methods.md §3.8).
 
     Args:
         config: the update, the metric settings and the output.
@@ -201,7 +201,7 @@ def _hidden_shift(settings: AnalyzeConfig, roles: dict[str, ResolvedModel], patc
 
 
 def _model_records(roles: dict[str, ResolvedModel]) -> dict[str, dict[str, Any]]:
-    """Per role: the reference as given, its kind, revision and weights fingerprint (METHODS.md §5.8)."""
+    """Per role: the reference as given, its kind, revision and weights fingerprint (docs/methods.md §5.8)."""
     from safetypatch.models.fingerprint import fingerprint_folder
 
     return {role: {"ref": r.ref, "kind": r.kind, "revision": r.revision,

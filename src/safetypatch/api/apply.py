@@ -1,5 +1,5 @@
 """``safetypatch apply``: put one or more safety patches onto a model (the base they were trained on or a fine-tuned
-descendant) as an unmerged PEFT adapter, or merged into the weights (METHODS.md §3.3, §5.1, §5.3, §5.8).
+descendant) as an unmerged PEFT adapter, or merged into the weights (docs/methods.md §3.3, §5.1, §5.3, §5.8).
 
 Several patch folders (Mou's successive patches) are combined exactly in ΔW space first (``linear``:
 ΔW = Σ_i w_i s_i B_i A_i, independent of the order). :func:`apply_patch_folders` is the one code path that loads,
@@ -42,7 +42,7 @@ PathList = Annotated[list[Path], BeforeValidator(_one_or_many), Field(min_length
 
 
 class ApplyConfig(StrictConfig):
-    """Options of ``safetypatch apply`` (METHODS.md §3.3): which patches go onto which model, and how."""
+    """Options of ``safetypatch apply`` (docs/methods.md §3.3): which patches go onto which model, and how."""
 
     model: str = Field(DEFAULT_MODEL, description="Target: the patch base or a fine-tuned descendant of it (catalog "
                                                   "name, local folder, .gguf or Hub id).")
@@ -51,7 +51,7 @@ class ApplyConfig(StrictConfig):
                                           "independent of their order).")
     weights: list[float] | None = Field(None, description="Weight w_i per patch (default 1 each; negative subtracts).")
     mode: Literal["attach", "merge"] = Field(
-        "attach", description="attach: an unmerged PEFT adapter (METHODS.md §5.3 default); merge: W' = W + γ·ΔW.")
+        "attach", description="attach: an unmerged PEFT adapter (docs/methods.md §5.3 default); merge: W' = W + γ·ΔW.")
     scale: float = Field(1.0, description="Merge scale γ (merge only; above 1 is warned about, 0 refused).")
     reduce_k: int = Field(0, ge=0, description="Merge-time overlap reduction (§3.3, ours): top-k singular subspace "
                                                "of the target's weight removed from ΔW; 0 = none (merge only).")
@@ -171,7 +171,7 @@ def apply_patch_folders(
     fingerprint: str | None = None,
 ) -> AppliedPatches:
     """Load patch folders, combine several exactly in ΔW space, and attach or merge the result onto ``model`` with
-    the fingerprint, no-effect and merge self-test checks (METHODS.md §3.3, §5.1, §5.8).
+    the fingerprint, no-effect and merge self-test checks (docs/methods.md §3.3, §5.1, §5.8).
 
     Args:
         model: a plain transformers causal LM; a merge changes its weights in place.
@@ -215,7 +215,7 @@ def apply_patch_folders(
 def apply_patch(config: ApplyConfig) -> AppliedModel:
     """Apply safety patches to a model and keep it in memory; with ``output``, also write it atomically: a complete
     HF model folder plus ``safety_patch_applied.json`` (merge), or the (combined) patch as a verified PEFT adapter
-    folder (attach) (METHODS.md §3.3, §5.8).
+    folder (attach) (docs/methods.md §3.3, §5.8).
 
     Args:
         config: target model, patch folders, mode, scale, reduction and output.

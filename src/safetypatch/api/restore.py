@@ -1,5 +1,5 @@
 """``safetypatch restore`` and ``safetypatch extract``: post-hoc safety restoration of a fine-tuned model (LSSF, RESTA,
-Safe LoRA, LoX; METHODS.md §3.4–§3.7) and the turning of any weight delta into a LoRA patch (§3.3 ``svd``).
+Safe LoRA, LoX; docs/methods.md §3.4–§3.7) and the turning of any weight delta into a LoRA patch (§3.3 ``svd``).
 
 ``restore`` resolves each model role to a local folder, builds LSSF's anchor set when the method needs one, and
 hands everything to :func:`safetypatch.restore.runner.run_restore`, which streams the checkpoints tensor by tensor.
@@ -45,8 +45,8 @@ _CONTEXTUAL = "contextual"
 class RestoreJob(StrictConfig):
     """Options of ``safetypatch restore``: which method repairs which models, and where the result goes."""
 
-    method: str = Field("lssf", description="Restoration method: lssf, resta, safe_lora or lox (METHODS.md "
-                                            "§3.4–§3.7).")
+    method: str = Field("lssf", description="Restoration method: lssf, resta, safe_lora or lox "
+                                            "(docs/methods.md §3.4–§3.7).")
     params: dict[str, Any] = Field(
         default_factory=dict, description="The method's own settings, validated by its config class (e.g. "
         "eta, alpha for lssf; beta for resta; threshold for safe_lora; k, coef for lox).")
@@ -104,7 +104,7 @@ class RestoreJob(StrictConfig):
         return cls(load_config(cls.config_class, overrides=self.params))
 
     def roles(self) -> dict[str, str]:
-        """The model references given, by role (the fields named like the METHODS.md §2.1 roles)."""
+        """The model references given, by role (the fields named like the docs/methods.md §2.1 roles)."""
         return {role: getattr(self, role) for role in type(self).model_fields
                 if role.endswith("_model") and getattr(self, role) is not None}
 
@@ -147,7 +147,8 @@ def needs_anchors(method: RestoreMethod) -> bool:
 
 
 def restore(job: RestoreJob, progress: Progress | None = None) -> RestoreResult:
-    """Repair a fine-tuned model's safety post hoc with one method, streaming the checkpoints (METHODS.md §3.4–§3.7).
+    """Repair a fine-tuned model's safety post hoc with one method, streaming the checkpoints
+    (docs/methods.md §3.4–§3.7).
 
     Writes ``job.output``: the repaired model folder (config and tokenizer copied from the target) or, for a Safe
     LoRA adapter target, the repaired adapter; both with ``restore_report.json`` (per-layer ranks, similarities,
@@ -193,7 +194,7 @@ def restore(job: RestoreJob, progress: Progress | None = None) -> RestoreResult:
 def build_anchors(loaded: LoadedModel, dataset: str, n: int, seed: int, max_new_tokens: int,
                   progress: Progress | None = None) -> tuple[list[Example], dict[str, Any]]:
     """LSSF's anchor set: ``n`` harmful prompts from ``dataset``'s train half, each with the aligned model's greedy
-    answer as its refusal (METHODS.md §3.4 step 2; the choice of prompts is in the module docstring).
+    answer as its refusal (docs/methods.md §3.4 step 2; the choice of prompts is in the module docstring).
 
     Args:
         loaded: the aligned model.
@@ -290,7 +291,7 @@ class ExtractResult:
 
 def extract(job: ExtractJob) -> ExtractResult:
     """Extract ΔW = target − reference (fp32, streamed per module) as a rank-``rank`` LoRA patch by SVD and save it
-    as a patch folder verified on the reference model (METHODS.md §3.3 ``svd``, §5.4).
+    as a patch folder verified on the reference model (docs/methods.md §3.3 ``svd``, §5.4).
 
     The manifest (``safety_patch.json``) records both models' fingerprints, the rank and the relative Frobenius
     error per module and overall.

@@ -37,7 +37,7 @@ correction or an honest answer instead."""
 
 
 class TrainConfig(StrictConfig):
-    """Options of ``safetypatch train``: Refusal-SFT of a safety patch on safety data (METHODS.md §3.1)."""
+    """Options of ``safetypatch train``: Refusal-SFT of a safety patch on safety data (docs/methods.md §3.1)."""
 
     model: str = Field(DEFAULT_MODEL, description="Patch base: catalog name, local folder, .gguf or Hub id.")
     revision: str | None = Field(None, description="Hub revision (Hub ids only).")
@@ -198,7 +198,8 @@ class TrainPatchResult:
 
 def train_patch(config: TrainConfig | None = None, progress: Progress | None = None) -> TrainPatchResult:
     """Train a safety patch by Refusal-SFT on the train halves of the harmful sets, with benign retain prompts
-    answered by the model itself, save it as a verified PEFT folder with its manifest (Mou et al.; METHODS.md §3.1).
+    answered by the model itself, save it as a verified PEFT folder with its manifest (Mou et al.;
+    docs/methods.md §3.1).
     In full mode (``full`` or recipe mode ``full``: the full-parameter baseline) every weight is trained and the
     output is a complete model folder, read back tensor by tensor, with the same ``safety_patch.json``.
 
@@ -346,9 +347,9 @@ def _retain_answers(loaded: LoadedModel, prompts: list[str], protocol: Any, prog
 
 
 def _save(cfg: TrainConfig, loaded: LoadedModel, recipe: PatchRecipe, result: Any, manifest: Any) -> None:
-    """Write the verified patch from the main process (METHODS.md §5.4): from memory when the trained model is whole
-    here (one process, DDP); from the folder Trainer gathered an FSDP or DeepSpeed run into otherwise, checked on a
-    fresh copy of the base (LoRA) or reloaded as a model (full)."""
+    """Write the verified patch from the main process (docs/methods.md §5.4): from memory when the trained model is
+    whole here (one process, DDP); from the folder Trainer gathered an FSDP or DeepSpeed run into otherwise, checked on
+    a fresh copy of the base (LoRA) or reloaded as a model (full)."""
     from safetypatch.patch.artifact import save_full_model_patch, save_patch
     from safetypatch.train.distributed import gathered_model_folder, gathered_patch
 

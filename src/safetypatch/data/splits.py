@@ -2,7 +2,7 @@
 
 Prompts are compared after :func:`normalize_prompt` (Unicode NFKC, case-folded, punctuation removed, whitespace
 collapsed), so near-duplicates that differ only in case or punctuation always land on the same side of a split
-and count as overlap in the checks. ``METHODS.md`` §3.1 asks for the 13-gram overlap count in every manifest.
+and count as overlap in the checks. docs/methods.md §3.1 asks for the 13-gram overlap count in every manifest.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def check_no_overlap(train_prompts: Iterable[str], eval_prompts: Iterable[str], 
 
 
 def count_ngram_overlap(train_prompts: Iterable[str], eval_prompts: Sequence[str], n: int = 13) -> int:
-    """Count eval prompts sharing a word ``n``-gram with any training prompt (contamination, ``METHODS.md`` §3.1).
+    """Count eval prompts sharing a word ``n``-gram with any training prompt (contamination, docs/methods.md §3.1).
 
     Words are those of :func:`normalize_prompt`. An eval prompt shorter than ``n`` words counts when its whole text
     occurs as a contiguous word sequence in a training prompt, so short exact duplicates are not missed.

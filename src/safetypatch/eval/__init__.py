@@ -1,1 +1,1 @@
-"""Evaluation: pinned generation, judges, metrics with uncertainty, and lm-eval-shaped results (METHODS.md §4)."""
+"""Evaluation: pinned generation, judges, metrics with uncertainty, and lm-eval-shaped results (docs/methods.md §4)."""

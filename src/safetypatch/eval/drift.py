@@ -1,7 +1,7 @@
 """Benign drift: how far a patched model moves from a reference on the reference's own benign answers.
 
-A helpfulness-side complement to capability benchmarks (METHODS.md §4.1 asks for safety, over-refusal and capability
-together; this definition is ours, not a seed paper's). The reference model answers benign prompts greedily
+A helpfulness-side complement to capability benchmarks (docs/methods.md §4.1 asks for safety, over-refusal and
+capability together; this definition is ours, not a seed paper's). The reference model answers benign prompts greedily
 (:func:`safetypatch.eval.generate.generate_chat`); on exactly those prompt + answer tokens this module measures, per
 sample and over answer positions only, the evaluated model's mean per-token NLL, the reference's, their difference,
 and the mean per-token KL(reference || evaluated). A patch that keeps benign behaviour scores near 0 on both.

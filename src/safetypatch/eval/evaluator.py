@@ -1,4 +1,4 @@
-"""Run evaluation tasks on a loaded model and assemble lm-eval-shaped results (METHODS.md §4)."""
+"""Run evaluation tasks on a loaded model and assemble lm-eval-shaped results (docs/methods.md §4)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ PARITY_PROMPTS = 16
 
 def check_vllm_parity(subject: ModelUnderTest, prompts: Sequence[str], protocol: GenerationProtocol) -> dict:
     """Generate the first prompts with both backends and refuse vLLM when greedy tokens agree too little
-    (METHODS.md §4.4: HF is the reference backend; vLLM is gated by a parity check).
+    (docs/methods.md §4.4: HF is the reference backend; vLLM is gated by a parity check).
 
     Raises:
         ConfigError: token agreement below ``MIN_PARITY``.

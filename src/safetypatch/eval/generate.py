@@ -1,4 +1,4 @@
-"""Pinned chat generation with HF transformers, the reference backend (METHODS.md §4.4).
+"""Pinned chat generation with HF transformers, the reference backend (docs/methods.md §4.4).
 
 Prompts are rendered with the evaluated model's own chat template (``add_generation_prompt=True``, a system turn
 only when configured), sorted by token length into left-padded batches to cut padding waste, generated under one
@@ -37,7 +37,7 @@ FinishReason = Literal["eos", "length"]
 
 
 class GenerationProtocol(BaseModel):
-    """The pinned generation settings recorded in every results file (METHODS.md §4.4).
+    """The pinned generation settings recorded in every results file (docs/methods.md §4.4).
 
     Attributes:
         max_new_tokens: most new tokens per response (§4.4 default 512).
@@ -56,7 +56,7 @@ class GenerationProtocol(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_new_tokens: int = Field(512, gt=0, description="Most new tokens per response (METHODS.md §4.4).")
+    max_new_tokens: int = Field(512, gt=0, description="Most new tokens per response (docs/methods.md §4.4).")
     do_sample: bool = Field(False, description="False: greedy decoding (default protocol); True: sampling presets.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (only with do_sample).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus mass (only with do_sample).")
@@ -86,7 +86,7 @@ class GenerationProtocol(BaseModel):
 
 @dataclass(frozen=True)
 class Generation:
-    """One generated response and the bookkeeping the per-sample results need (METHODS.md §4.5).
+    """One generated response and the bookkeeping the per-sample results need (docs/methods.md §4.5).
 
     Attributes:
         prompt: the user prompt as given.
@@ -173,7 +173,7 @@ def generate_chat(
     protocol: GenerationProtocol,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Generation]:
-    """Generate one response per prompt under the pinned protocol (METHODS.md §4.4).
+    """Generate one response per prompt under the pinned protocol (docs/methods.md §4.4).
 
     Prompts are sorted by token length (longest first) into batches of ``protocol.batch_size``, left-padded by hand
     (the tokenizer is never modified), and results come back in the order of ``prompts``. Greedy fp32 results equal

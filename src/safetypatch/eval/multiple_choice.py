@@ -1,4 +1,4 @@
-"""Log-likelihood multiple-choice scoring as lm-eval does it (METHODS.md §4.1 capability; §4.5 lm-eval-shaped).
+"""Log-likelihood multiple-choice scoring as lm-eval does it (docs/methods.md §4.1 capability; §4.5 lm-eval-shaped).
 
 Each item is a context plus one continuation per choice. The score of a choice is the summed log-probability of its
 continuation tokens given the context; ``acc`` takes the argmax of the sums and ``acc_norm`` the argmax of the sums
@@ -152,7 +152,7 @@ def score_multiple_choice(
     progress: Callable[[int, int], None] | None = None,
     add_bos: bool | None = None,
 ) -> list[ItemScore]:
-    """Summed log-likelihood of every continuation given its context (lm-eval ``loglikelihood``, METHODS.md §4.1).
+    """Summed log-likelihood of every continuation given its context (lm-eval ``loglikelihood``, docs/methods.md §4.1).
 
     Items are sorted by length into batches of ``batch_size`` items; each batch runs the left-padded contexts once
     with a KV cache, then all choices' continuations against the cache rows of their item. Results do not depend on

@@ -1,5 +1,5 @@
 """lm-eval-shaped results: a small builder that writes them atomically, and a reader that validates them
-(METHODS.md §4.5, §5.7).
+(docs/methods.md §4.5, §5.7).
 
 Layout, as lm-eval's ``EvaluationTracker`` writes it::
 
@@ -33,7 +33,7 @@ SUFFIXES = ("stderr", "ci_low", "ci_high", "n", "n_excluded")
 REQUIRED = {"results": dict, "higher_is_better": dict, "n-samples": dict, "versions": dict, "configs": dict,
             "config": dict, "date": (int, float), "environment": dict}
 KEYWORD_ONLY_WARNING = ("judge: keyword_only: no harm judge (llamaguard, hf_classifier) ran; refusal numbers come "
-                        "from lexical/embedding matching alone and can misread soft refusals (METHODS.md §5.6)")
+                        "from lexical/embedding matching alone and can misread soft refusals (docs/methods.md §5.6)")
 
 
 def sanitize_name(name: str) -> str:
@@ -49,12 +49,12 @@ def sanitize_name(name: str) -> str:
 
 
 class ResultsBuilder:
-    """Collects one run's tasks, metrics, judges, data hashes and samples, then writes them (METHODS.md §4.5).
+    """Collects one run's tasks, metrics, judges, data hashes and samples, then writes them (docs/methods.md §4.5).
 
     Args:
         model: model reference (Hub id, path or catalog name) as given.
         revision: resolved revision or commit of the model.
-        fingerprint: model fingerprint (METHODS.md §5.8).
+        fingerprint: model fingerprint (docs/methods.md §5.8).
         seed: the run seed.
         generation_kwargs: the pinned generation protocol actually used (§4.4).
         adapter: adapter path, fingerprint and manifest hash when a patch was evaluated.
@@ -123,12 +123,12 @@ class ResultsBuilder:
 
     def add_judge(self, judge: Judge, calibration: Mapping[str, Any] | None = None) -> ResultsBuilder:
         """Record a judge's id and metadata (model, revision, prompt or lexicon hash), with its calibration
-        figures when it was calibrated against labels (METHODS.md §4.3)."""
+        figures when it was calibrated against labels (docs/methods.md §4.3)."""
         self.config["judges"][judge.judge_id] = {**judge.metadata, "calibration": dict(calibration or {}) or None}
         return self
 
     def add_data(self, name: str, sha256: str, source: str | None = None) -> ResultsBuilder:
-        """Record the content hash and source of a dataset the numbers come from (METHODS.md §5.7)."""
+        """Record the content hash and source of a dataset the numbers come from (docs/methods.md §5.7)."""
         self.config["data"][name] = {"sha256": sha256, "source": source}
         return self
 
@@ -192,7 +192,7 @@ class ResultsBuilder:
 def sample_rows(prompts: Sequence[str], responses: Sequence[str],
                 verdicts: Mapping[str, Sequence[Verdict]]) -> list[dict[str, Any]]:
     """Per-sample rows for ``ResultsBuilder.add_samples``: prompt, response, every judge's verdict, and a
-    ``disagreement`` flag when usable verdicts differ on attack success (METHODS.md §4.3, §4.5).
+    ``disagreement`` flag when usable verdicts differ on attack success (docs/methods.md §4.3, §4.5).
 
     Args:
         prompts: the requests.
@@ -267,7 +267,7 @@ class Results:
 
 
 def read_results(path: Path | str) -> Results:
-    """Read and validate a results file (METHODS.md §4.5).
+    """Read and validate a results file (docs/methods.md §4.5).
 
     Raises:
         DataError: the file is missing, is not JSON, or lacks the lm-eval shape; the message names the key.

@@ -26,7 +26,7 @@ TaskKind = Literal["refusal", "over_refusal", "jailbreak", "multiple_choice", "g
 
 
 class TaskSpec(StrictConfig):
-    """One benchmark as a YAML file declares it (METHODS.md §4.1-4.2)."""
+    """One benchmark as a YAML file declares it (docs/methods.md §4.1-4.2)."""
 
     name: str = Field(description="Task name (the YAML file stem).")
     dataset: str = Field(description="Catalog dataset the rows come from.")

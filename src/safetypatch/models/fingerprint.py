@@ -1,4 +1,4 @@
-"""Model fingerprints (METHODS.md §5.8): SHA-256 over architecture fields, sorted parameter names and shapes,
+"""Model fingerprints (docs/methods.md §5.8): SHA-256 over architecture fields, sorted parameter names and shapes,
 and the bytes of a fixed sample of rows of every tensor, read from safetensors without loading the model."""
 
 from __future__ import annotations

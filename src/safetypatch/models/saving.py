@@ -1,4 +1,5 @@
-"""Write a complete Hugging Face model folder atomically and verify it by reading every tensor back (METHODS.md §5.2).
+"""Write a complete Hugging Face model folder atomically and verify it by reading every tensor back
+(docs/methods.md §5.2).
 
 :func:`save_model_folder` is the one writer of full model folders (a fine-tuned descendant, a merged patch, the
 full-parameter Refusal-SFT baseline): safetensors weights in size-capped shards, the tokenizer and caller sidecar
@@ -20,7 +21,7 @@ from safetypatch.utils.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
-MAX_SHARD_SIZE = "5GB"  # METHODS.md §5.2
+MAX_SHARD_SIZE = "5GB"  # docs/methods.md §5.2
 Sidecar = str | Callable[[str], str]
 """A sidecar file's text, or a function of the written folder's fingerprint sha256 that returns it."""
 

@@ -1,5 +1,5 @@
 """Apply a safety patch to a model: attach it as an unmerged PEFT adapter, or merge W' = W + γ·ΔW' into the weights,
-optionally after the merge-time overlap reduction (METHODS.md §3.3, §5.1, §5.3, §5.8).
+optionally after the merge-time overlap reduction (docs/methods.md §3.3, §5.1, §5.3, §5.8).
 
 Guards: the patch must fit the model's architecture, module names and shapes (a different fingerprint is allowed
 and recorded as ``applied_to``); a patch whose ΔW is zero everywhere is refused; merges are computed in fp32 and
@@ -73,7 +73,7 @@ class ApplyResult:
 
 def attach_patch(model: Any, patch: Patch, *, fingerprint: str | None = None, adapter_name: str = "safetypatch",
                  probe_seed: int = 0) -> ApplyResult:
-    """Attach ``patch`` to ``model`` as an unmerged PEFT adapter (METHODS.md §3.3, §5.8).
+    """Attach ``patch`` to ``model`` as an unmerged PEFT adapter (docs/methods.md §3.3, §5.8).
 
     Args:
         model: a plain transformers causal LM.
@@ -103,7 +103,7 @@ def attach_patch(model: Any, patch: Patch, *, fingerprint: str | None = None, ad
 
 def merge_patch(model: Any, patch: Patch, *, gamma: float = 1.0, reduction: OverlapReduction | None = None,
                 reference: Any | None = None, fingerprint: str | None = None, probe_seed: int = 0) -> ApplyResult:
-    """Merge W' = W + γ·ΔW' into ``model``'s weights in place, ΔW' optionally overlap-reduced (METHODS.md §3.3).
+    """Merge W' = W + γ·ΔW' into ``model``'s weights in place, ΔW' optionally overlap-reduced (docs/methods.md §3.3).
 
     Args:
         model: a plain transformers causal LM with float weights (quantized weights are refused, §5.3).
@@ -129,7 +129,7 @@ def merge_patch(model: Any, patch: Patch, *, gamma: float = 1.0, reduction: Over
     warnings = list(_preflight(model, patch, fingerprint))
     if gamma > 1:
         warnings.append(f"merge scale gamma={gamma} > 1: scales above 1 have been reported to hurt utility sharply "
-                        "(METHODS.md §3.3); sweep 0.5-1.0 first.")
+                        "(docs/methods.md §3.3); sweep 0.5-1.0 first.")
         logger.warning(warnings[-1])
     reference = model if reference is None else reference
     reduced = reduce_overlap(patch, reference, reduction) if reduction is not None else None
@@ -192,7 +192,7 @@ def _check_merge(model: Any, patch: Patch, name: str, gamma: float) -> ModuleMer
     weight = module_weight(model, name)
     if not weight.dtype.is_floating_point:
         raise PatchError(f"module {name} stores {weight.dtype} weights (a quantized model?); merging into them "
-                         "loses the patch (METHODS.md §5.3). Load the model in bf16/fp32 or attach the patch.")
+                         "loses the patch (docs/methods.md §5.3). Load the model in bf16/fp32 or attach the patch.")
     new, update = _merged(weight, patch, name, gamma)
     original = weight.detach().float()
     update_norm, weight_norm = float(update.norm()), float(original.norm())
@@ -206,4 +206,4 @@ def _check_merge(model: Any, patch: Patch, name: str, gamma: float) -> ModuleMer
 def _no_effect(patch: Patch, change: float) -> PatchError:
     return PatchError(f"patch {patch.where} has no effect: the patched model's logits differ from the unpatched "
                       f"model's by at most {change:.2e} on the probe batch (threshold {EFFECT_ATOL}). The patch is "
-                      "too small, was reduced away, or is not reaching the model (METHODS.md §5.8).")
+                      "too small, was reduced away, or is not reaching the model (docs/methods.md §5.8).")

@@ -1,5 +1,5 @@
 """Safety patches on disk: a PEFT adapter folder plus the ``safety_patch.json`` manifest, written atomically and
-verified by reloading (METHODS.md §3.1 *Outputs*, §5.4, §5.7).
+verified by reloading (docs/methods.md §3.1 *Outputs*, §5.4, §5.7).
 
 Folder layout: ``adapter_config.json``, ``adapter_model.safetensors``, ``README.md`` (model card with ``base_model``,
 ``library_name: peft``, ``tags: [safetypatch, safety]``) and ``safety_patch.json``. After writing, and before the
@@ -42,7 +42,7 @@ _ARCH_FIELDS = ("model_type", "architectures", "num_hidden_layers", "hidden_size
 
 
 class PatchManifest(StrictConfig):
-    """The sidecar ``safety_patch.json``: what a patch is and how it was made (METHODS.md §3.1 *Outputs*, §5.7).
+    """The sidecar ``safety_patch.json``: what a patch is and how it was made (docs/methods.md §3.1 *Outputs*, §5.7).
 
     ``save_patch`` adds the adapter block (r, alpha, scaling, targets, layers), the base architecture, library
     versions and a timestamp.
@@ -95,7 +95,7 @@ def save_patch(
     source: Any, folder: Path, manifest: PatchManifest, *, model: Any | None = None, overwrite: bool = False,
     probe_seed: int = 0,
 ) -> Patch:
-    """Write a patch folder atomically and verify it by reloading (METHODS.md §5.4).
+    """Write a patch folder atomically and verify it by reloading (docs/methods.md §5.4).
 
     Args:
         source: a PEFT LoRA model (its active adapter is saved), or a :class:`Patch` built in memory.
@@ -165,7 +165,7 @@ def load_patch(folder: Path) -> Patch:
         path = folder / name
         if not path.is_file() or path.stat().st_size == 0:
             raise PatchError(f"{path} is missing or empty: the adapter was not saved completely (a ZeRO-3 / FSDP "
-                             "save without gathering the weights? METHODS.md §5.4). Save it again.")
+                             "save without gathering the weights? docs/methods.md §5.4). Save it again.")
     config = read_json(folder / ADAPTER_CONFIG, PatchError, what="PEFT adapter config", schema=_AdapterConfigFields,
                        advice="Save the patch again, or restore the file from its source.")
     try:
@@ -222,7 +222,7 @@ def verify_patch_folder(folder: Path, model: Any, patch: Patch, *, probe_seed: i
             raise PatchError(f"{folder}: module {name} is saved as {saved.factors[name].shape}, expected {f.shape}.")
     if not any(float(f.B.norm()) > 0 for f in saved.factors.values()):
         raise PatchError(f"{folder}: every lora_B is zero, so the patch does nothing (an untrained adapter or an "
-                         "empty save, METHODS.md §5.4).")
+                         "empty save, docs/methods.md §5.4).")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     ids = probe_input_ids(base, probe_seed)
     if is_peft_model(model):

@@ -1,4 +1,4 @@
-"""Combine several patches exactly in ΔW space (METHODS.md §3.3 *several patches*, §5.1).
+"""Combine several patches exactly in ΔW space (docs/methods.md §3.3 *several patches*, §5.1).
 
 ``linear``: ΔW = Σ_i w_i s_i B_i A_i, emitted exactly by concatenation B_cat = [w_1 s_1 B_1, …], A_cat = [A_1; …],
 rank Σ r_i and lora_alpha = rank (s = 1); negative weights are fine. ``svd``: the same ΔW truncated to a rank with
@@ -46,7 +46,7 @@ class CombineResult:
 
 def combine_patches(patches: Sequence[Patch], weights: Sequence[float] | None = None, *,
                     method: Combination = "linear", svd_rank: int | None = None) -> CombineResult:
-    """Combine patches in ΔW space (METHODS.md §3.3).
+    """Combine patches in ΔW space (docs/methods.md §3.3).
 
     Args:
         patches: the patches; for ``orthogonal`` the first is the task adapter, the others are safety patches.
@@ -132,7 +132,7 @@ def _orthogonalized(patches: Sequence[Patch]) -> list[Patch]:
 
 
 def _self_test(patch: Patch, method: str, svd_rank: int | None) -> None:
-    """One patch combined with weight 1 must reproduce its own ΔW (METHODS.md §3.3 test (f), §5.1)."""
+    """One patch combined with weight 1 must reproduce its own ΔW (docs/methods.md §3.3 test (f), §5.1)."""
     method = "linear" if method == "orthogonal" else method
     rank = max(svd_rank or patch.rank, patch.rank)
     factors, _ = _combine([patch], [1.0], _module_shapes([patch]), method, rank)

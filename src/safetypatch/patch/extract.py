@@ -1,5 +1,5 @@
 """Turn any weight delta into a LoRA patch of a chosen rank by truncated SVD, reporting the relative Frobenius
-error per module and overall (METHODS.md §2.2, §3.3 ``svd``; the ``extract`` item of the restoration issue).
+error per module and overall (docs/methods.md §2.2, §3.3 ``svd``; the ``extract`` item of the restoration issue).
 
 Role: the bridge from full-weight methods (an LSSF fusion, a RESTA repair, a full-parameter Refusal-SFT patch) to
 the adapter world (``patch.artifact.save_patch``, ``patch.apply``). :func:`extract_lora` works on deltas already in
@@ -51,7 +51,7 @@ class ExtractedPatch:
 
 def extract_lora(delta: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], rank: int, *,
                  manifest: Mapping[str, Any] | None = None) -> ExtractedPatch:
-    """Factor each module's ΔW into rank-``rank`` LoRA factors by exact truncated SVD (METHODS.md §3.3 ``svd``).
+    """Factor each module's ΔW into rank-``rank`` LoRA factors by exact truncated SVD (docs/methods.md §3.3 ``svd``).
 
     SVDs run on :func:`~safetypatch.weights.stream.compute_device` (a GPU when present) in fp32; the factors come
     back to the CPU. An iterable is consumed one module at a time, so only one ΔW is in memory.
@@ -107,7 +107,7 @@ def extract_from_checkpoints(target: Path, reference: Path, rank: int, *,
                              module_map: Mapping[str, str] | None = None) -> ExtractedPatch:
     """Extract ΔW = target − reference (fp32) of every ``linear``-scope module as a rank-``rank`` LoRA patch.
 
-    The two folders are streamed tensor by tensor (METHODS.md §5.2), so memory follows the largest module, not the
+    The two folders are streamed tensor by tensor (docs/methods.md §5.2), so memory follows the largest module, not the
     models. Only the ``linear`` scope (§2.3) is extracted: a patch holds lora_A/lora_B factors of linear layers,
     and PEFT adapts embeddings with other keys.
 

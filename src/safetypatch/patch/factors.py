@@ -1,5 +1,6 @@
-"""A safety patch in memory: its PEFT LoRA config, its (B, A) factors per module, and its manifest (METHODS.md §2.2,
-§3.3). ΔW per module comes from :func:`safetypatch.weights.linalg.lora_delta` with s read from the config.
+"""A safety patch in memory: its PEFT LoRA config, its (B, A) factors per module, and its manifest
+(docs/methods.md §2.2, §3.3). ΔW per module comes from :func:`safetypatch.weights.linalg.lora_delta` with s read from
+the config.
 
 Module names are those of the base model (``model.layers.3.mlp.up_proj``); the PEFT file keys are
 ``base_model.model.<module>.lora_{A,B}.weight``.
@@ -154,7 +155,7 @@ def lora_modules(peft_model: Any, adapter_name: str = "default") -> dict[str, An
 
 
 def check_compatible(model: Any, patch: Patch) -> None:
-    """Refuse a patch whose architecture, module names or shapes do not fit ``model`` (METHODS.md §5.8).
+    """Refuse a patch whose architecture, module names or shapes do not fit ``model`` (docs/methods.md §5.8).
 
     Raises:
         ModelMismatchError: naming the architecture, or the first module that is missing or has another shape.

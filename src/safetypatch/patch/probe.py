@@ -1,5 +1,6 @@
-"""Probe batches and temporary PEFT attachment, for the logit checks of saved and applied patches (METHODS.md §5.4,
-§5.8): a saved adapter must reproduce the in-memory model's logits, and an applied patch must change them.
+"""Probe batches and temporary PEFT attachment, for the logit checks of saved and applied patches
+(docs/methods.md §5.4, §5.8): a saved adapter must reproduce the in-memory model's logits, and an applied patch must
+change them.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Merge-time overlap reduction: shrink a patch's component in the top-k singular subspace of a reference weight
-(METHODS.md §3.3 — a **safetypatch design** (`ours`); Xue & Mirzasoleiman report an intervention of this kind but
+(docs/methods.md §3.3 — a **safetypatch design** (`ours`); Xue & Mirzasoleiman report an intervention of this kind but
 neither their paper nor their code confirms the mechanism, so this must not be reported as theirs).
 
 column: ΔW' = ΔW − (1 − λ) U_kU_kᵀ ΔW      → B' = B − (1 − λ) U_k (U_kᵀ B)
@@ -52,7 +52,7 @@ class ModuleReduction:
     Attributes:
         module: module name.
         retained_energy: ‖ΔW'‖_F / ‖ΔW‖_F.
-        overlap_before: Xue overlap O_k = ‖U_kᵀΔW‖_F / ‖ΔW‖_F before (METHODS.md §3.8).
+        overlap_before: Xue overlap O_k = ‖U_kᵀΔW‖_F / ‖ΔW‖_F before (docs/methods.md §3.8).
         overlap_after: ‖U_kᵀΔW'‖_F / ‖ΔW'‖_F (0 when ΔW' = 0).
         row_overlap_before: ‖ΔW V_k‖_F / ‖ΔW‖_F before.
         row_overlap_after: ‖ΔW' V_k‖_F / ‖ΔW'‖_F.
@@ -109,7 +109,7 @@ def dense_reduction(delta: torch.Tensor, svd: TruncatedSVD, side: str, retention
 
 
 def reduce_overlap(patch: Patch, reference: Any, config: OverlapReduction) -> ReducedPatch:
-    """Reduce every module of ``patch`` against the top-k subspace of ``reference``'s weights (METHODS.md §3.3).
+    """Reduce every module of ``patch`` against the top-k subspace of ``reference``'s weights (docs/methods.md §3.3).
 
     Args:
         patch: the patch.

@@ -1,4 +1,4 @@
-"""PNG figures of a subspace analysis (METHODS.md §3.8), drawn from its ``analysis.json`` alone: layer × module
+"""PNG figures of a subspace analysis (docs/methods.md §3.8), drawn from its ``analysis.json`` alone: layer × module
 heatmaps of each metric, each similarity against its random baseline per module type, and the hidden-state shift.
 
 Drawn like ``report.plots``: matplotlib imported inside each function, a standalone ``Figure`` on the Agg canvas.

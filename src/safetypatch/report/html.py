@@ -1,5 +1,5 @@
 """A single self-contained HTML report: summary sentences, summary table, plots (base64 PNG), the full metric table
-and, per run, the protocol the numbers were measured under (METHODS.md §4.5, §5.7: safety numbers are only
+and, per run, the protocol the numbers were measured under (docs/methods.md §4.5, §5.7: safety numbers are only
 meaningful with their judges, decoding, seeds and data hashes); then one section per subspace analysis (§3.8): its
 per-module summary against the random baseline, its figures and its provenance.
 
@@ -111,7 +111,7 @@ def analysis_section(doc: AnalysisDocument) -> str:
         f"<h2>Subspace analysis: {escape(doc.describe())}</h2>",
         '<p class="note">Medians over layers per module type. In brackets, what a random ΔW with the same spectrum '
         "scores against the same W₀ (Mou: mean over the baseline draws; O_k: the exact √(k/d_out)); an enrichment of "
-        "1 is a random ΔW. METHODS.md §3.8 defines every metric; docs/analysis.md says how to read them.</p>",
+        "1 is a random ΔW. docs/methods.md §3.8 defines every metric; docs/analysis.md says how to read them.</p>",
         f"<table><tr>{head}</tr>\n" + "\n".join(rows) + "</table>", *figures,
         "<h3>Provenance</h3>", _value(provenance)])
 

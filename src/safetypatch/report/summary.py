@@ -1,4 +1,4 @@
-"""Per-run headline numbers (METHODS.md §4.1): mean refusal on harmful tasks, mean over-refusal, capability,
+"""Per-run headline numbers (docs/methods.md §4.1): mean refusal on harmful tasks, mean over-refusal, capability,
 exact match, empty answers and benign drift, each with the tasks it averages and its delta against the first run.
 
 A family's value is the unweighted mean over tasks (``tables.FAMILIES`` says which metric counts per task); a

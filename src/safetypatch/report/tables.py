@@ -1,4 +1,4 @@
-"""Comparison tables over evaluated runs (METHODS.md §4.1: safety, over-refusal and capability always together).
+"""Comparison tables over evaluated runs (docs/methods.md §4.1: safety, over-refusal and capability always together).
 
 ``compare`` puts every ``(task, metric, filter)`` of a list of results files side by side: value, 95% interval,
 sample count and, from the second run on, the delta against the first run (the "before"). ``FAMILIES`` groups

@@ -1,4 +1,4 @@
-"""Post-hoc safety restoration as per-tensor math (METHODS.md §3.4–§3.7): LSSF, RESTA, Safe LoRA, LoX.
+"""Post-hoc safety restoration as per-tensor math (docs/methods.md §3.4–§3.7): LSSF, RESTA, Safe LoRA, LoX.
 
 Each method is one module behind :class:`RestoreMethod`, registered in :data:`METHODS` under its file name; the
 streaming engine (``weights.stream``) drives ``restore_tensor`` one tensor at a time.

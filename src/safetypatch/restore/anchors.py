@@ -1,5 +1,5 @@
-"""Second-moment statistics of linear-layer inputs over an anchor set, without storing activations (METHODS.md §3.4
-step 3, the activation-aware decomposition of LSSF).
+"""Second-moment statistics of linear-layer inputs over an anchor set, without storing activations
+(docs/methods.md §3.4 step 3, the activation-aware decomposition of LSSF).
 
 Each anchor is templated as one chat (harmful query, the aligned model's refusal). Forward pre-hooks on the chosen
 ``torch.nn.Linear`` modules accumulate, batch by batch in fp32, either the input moment G = Σ_t x̂_t x̂_tᵀ (d_in × d_in)
@@ -57,7 +57,7 @@ def collect_input_moments(model: Any, tokenizer: Any, examples: Sequence[Example
     """
     if not examples:
         raise DataError("collect_input_moments: the anchor set is empty; pass harmful prompts with the aligned "
-                        "model's refusals as responses (METHODS.md §3.4 step 2).")
+                        "model's refusals as responses (docs/methods.md §3.4 step 2).")
     unknown = [name for name in output_side if name not in modules]
     if unknown:
         raise ConfigError(f"output_side names modules not in `modules`: {', '.join(unknown)}.")
@@ -111,7 +111,7 @@ def _encode(tokenizer: Any, example: Example, index: int, tokens: TokenSet,
     """Token ids of the templated (query, refusal) chat and which of them are counted."""
     if not example.response:
         raise DataError(f"anchor {index} (prompt {example.prompt[:60]!r}) has no response; each anchor needs the "
-                        "aligned model's refusal to it (METHODS.md §3.4 step 2).")
+                        "aligned model's refusal to it (docs/methods.md §3.4 step 2).")
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; anchors are "
                         "templated chats. Use the aligned (instruct) model's tokenizer.")

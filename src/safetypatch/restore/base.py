@@ -1,4 +1,5 @@
-"""The one interface of every post-hoc restoration method, and the ``METHODS`` registry (METHODS.md §2, §3.4–§3.7).
+"""The one interface of every post-hoc restoration method, and the ``METHODS`` registry (docs/methods.md §2,
+§3.4–§3.7).
 
 A method is math on in-memory tensors, driven one tensor at a time by the streaming engine (``weights.stream``):
 
@@ -47,7 +48,7 @@ class RestoreConfig(StrictConfig):
     """Settings every restoration method has."""
 
     param_scope: ParamScope = Field(
-        "linear", description="Which tensors are touched (METHODS.md §2.3): `linear` = attention and MLP 2-D "
+        "linear", description="Which tensors are touched (docs/methods.md §2.3): `linear` = attention and MLP 2-D "
         "weights of every decoder block; `all_2d` = every tensor with ≥ 2 dimensions, embeddings and lm_head "
         "included.")
 
@@ -118,7 +119,7 @@ class RestoreMethod(ABC):
 
     @property
     def scope(self) -> ParamScope:
-        """The tensors this method touches by default (METHODS.md §2.3)."""
+        """The tensors this method touches by default (docs/methods.md §2.3)."""
         return self.config.param_scope
 
     def prepare(self, context: RestoreContext) -> RestoreContext:

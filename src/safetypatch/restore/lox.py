@@ -1,4 +1,5 @@
-"""LoX — low-rank extrapolation of the alignment delta (Perin et al., COLM 2025; ``VITA-Group/LoX``; METHODS.md §3.7).
+"""LoX — low-rank extrapolation of the alignment delta (Perin et al., COLM 2025; ``VITA-Group/LoX``;
+docs/methods.md §3.7).
 
 Applied to the aligned model **before** downstream fine-tuning (hardening, not repair):
 W_LoX = W_aligned + coef · SVD_k(W_aligned − W_base), with SVD_k the top-k truncation and k = 0 meaning full rank.
@@ -20,7 +21,7 @@ LOWRANK_MAX_K = 256
 
 
 class LoXConfig(RestoreConfig):
-    """LoX settings (METHODS.md §3.7 *Defaults*)."""
+    """LoX settings (docs/methods.md §3.7 *Defaults*)."""
 
     param_scope: ParamScope = Field(
         "all_2d", description="Which tensors are touched (§2.3): the reference extrapolates every ≥2-D parameter, "

@@ -1,4 +1,4 @@
-"""LSSF — Low-Rank Safety Subspace Fusion (Zhou et al., ACL 2025; METHODS.md §3.4; no official code).
+"""LSSF — Low-Rank Safety Subspace Fusion (Zhou et al., ACL 2025; docs/methods.md §3.4; no official code).
 
 Per linear module: the safety vector δ_safe = θ_safe − θ_unsafe (Eq. 1; data-free variant θ_safe − θ_base); an
 activation-aware SVD Z = W X̂ = U Σ Vᵀ over the anchor set (Eq. 4); the entropy rank r (Eqs. 5–7); the weighted
@@ -36,7 +36,7 @@ _BYTES_PER_FLOAT = 4
 
 
 class LSSFConfig(RestoreConfig):
-    """LSSF settings (METHODS.md §3.4 *Defaults*; every value the paper leaves open is ``ours``)."""
+    """LSSF settings (docs/methods.md §3.4 *Defaults*; every value the paper leaves open is ``ours``)."""
 
     safety_vector: Literal["aligned_minus_unsafe", "aligned_minus_base"] = Field(
         "aligned_minus_unsafe", description="δ_safe (§3.4 step 1): θ_aligned − θ_unsafe, the paper's Eq. 1 "

@@ -1,5 +1,5 @@
 """The per-layer report of a restoration run: one row per tensor (layer index, module, whether it changed, and the
-method's own figures: rank, similarity, entropy, norms), written as JSON next to the output (METHODS.md §3.4–§3.7
+method's own figures: rank, similarity, entropy, norms), written as JSON next to the output (docs/methods.md §3.4–§3.7
 *Outputs*, §3.8)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""RESTA — safety re-alignment by task arithmetic (Bhardwaj, Anh, Poria, ACL 2024; METHODS.md §3.5).
+"""RESTA — safety re-alignment by task arithmetic (Bhardwaj, Anh, Poria, ACL 2024; docs/methods.md §3.5).
 
 θ_RESTA = θ_SFT + β δ_safe with δ_safe = θ_aligned − θ_unaligned; optionally DARE first on the fine-tuning delta,
 θ_SFT ← θ_aligned + DARE(θ_SFT − θ_aligned). Element-wise, so it applies to tensors of any shape, and the streamed
@@ -27,7 +27,7 @@ from safetypatch.weights.linalg import dare
 
 
 class RESTAConfig(RestoreConfig):
-    """RESTA settings (METHODS.md §3.5 *Defaults*)."""
+    """RESTA settings (docs/methods.md §3.5 *Defaults*)."""
 
     beta: float = Field(
         0.5, ge=0, description="β, the scale of the safety vector δ_safe = θ_aligned − θ_unsafe (§3.5 step 3); "

@@ -1,4 +1,4 @@
-"""Run one restoration method over checkpoints on disk (METHODS.md §2.1, §2.3, §3.4–§3.7, §5.2).
+"""Run one restoration method over checkpoints on disk (docs/methods.md §2.1, §2.3, §3.4–§3.7, §5.2).
 
 Role: the driver between the per-tensor methods (``restore.<method>``) and the streaming engine
 (``weights.stream``). :func:`run_restore` opens one :class:`~safetypatch.weights.stream.CheckpointReader` per model
@@ -95,7 +95,7 @@ class RestoreRun:
 
 
 def check_roles(method: RestoreMethod, given: Collection[str]) -> None:
-    """Refuse a set of roles that is not exactly what ``method`` reads under its config (METHODS.md §2.1).
+    """Refuse a set of roles that is not exactly what ``method`` reads under its config (docs/methods.md §2.1).
 
     Args:
         method: the configured method.
@@ -319,7 +319,7 @@ def _identity(role: str, folder: Path, is_adapter: bool) -> dict[str, Any]:
 
 
 def _load_plain(folder: Path) -> Any:
-    """The aligned model a repaired adapter is reloaded and checked on (METHODS.md §5.4)."""
+    """The aligned model a repaired adapter is reloaded and checked on (docs/methods.md §5.4)."""
     from safetypatch.models.loading import load_model
 
     return load_model(str(folder)).model

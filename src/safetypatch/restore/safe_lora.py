@@ -1,5 +1,5 @@
 """Safe LoRA — project fine-tuning updates onto the alignment matrix (Hsu et al., NeurIPS 2024; ``IBM/SafeLoRA``;
-METHODS.md §3.6).
+docs/methods.md §3.6).
 
 Per module, V = W_aligned − W_base and C = V Vᵀ / ‖V‖_F (the paper form: symmetric PSD, not idempotent; the
 ``orthonormal`` variant C = Q_V Q_Vᵀ is ``ours``). A LoRA update B A of the target becomes C B A (B ← C B, s kept);
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 class SafeLoRAConfig(RestoreConfig):
-    """Safe LoRA settings (METHODS.md §3.6 *Defaults*; reference values from ``IBM/SafeLoRA``)."""
+    """Safe LoRA settings (docs/methods.md §3.6 *Defaults*; reference values from ``IBM/SafeLoRA``)."""
 
     select_layers_type: Literal["number", "threshold"] = Field(
         "number", description="Which modules are projected (§3.6 step 4): the `num_proj_layers` with the lowest "

@@ -1,6 +1,6 @@
 """Training under ``accelerate launch`` (DDP, FSDP, DeepSpeed ZeRO): the shipped launcher presets, the training
 precision, what a run records of its distribution, and how the trained weights of a sharded model reach the main
-process (METHODS.md §5.4).
+process (docs/methods.md §5.4).
 
 transformers' ``Trainer`` does the distribution itself: it builds its ``Accelerator`` from the environment that
 ``accelerate launch`` sets. This module decides nothing about the parallelism; it only
@@ -72,7 +72,7 @@ def accelerate_preset(name: str) -> AcceleratePreset:
 
 
 def resolve_precision(requested: str) -> str:
-    """The precision a run trains in (METHODS.md §3.1 *Defaults*: bf16 where the hardware has it).
+    """The precision a run trains in (docs/methods.md §3.1 *Defaults*: bf16 where the hardware has it).
 
     ``auto`` takes the launcher's ``mixed_precision`` (``accelerate launch --mixed_precision``, or its config file;
     read from ``ACCELERATE_MIXED_PRECISION``) when that is bf16 or fp16; otherwise bf16 on a GPU with bf16, fp16 on
@@ -195,8 +195,8 @@ def gathered_patch(folder: Path, trained: Any) -> Patch:
         The patch, every trained module present with the configured rank.
 
     Raises:
-        PatchError: the adapter file is missing, empty or partial, or lacks modules that were trained (METHODS.md
-            §5.4); the message names the folder and the first missing module.
+        PatchError: the adapter file is missing, empty or partial, or lacks modules that were trained
+            (docs/methods.md §5.4); the message names the folder and the first missing module.
     """
     try:
         patch = load_patch(folder)
@@ -205,8 +205,8 @@ def gathered_patch(folder: Path, trained: Any) -> Patch:
     missing = sorted(set(lora_modules(trained, trained.active_adapter)) - set(patch.modules))
     if missing:
         raise PatchError(f"{folder}: the adapter gathered from the sharded run lacks {len(missing)} of the trained "
-                         f"modules (first: {missing[0]}); only part of the model was saved (METHODS.md §5.4). Save it "
-                         "with a full state dict (FULL_STATE_DICT, zero3_save_16bit_model: true).")
+                         f"modules (first: {missing[0]}); only part of the model was saved (docs/methods.md §5.4). "
+                         "Save it with a full state dict (FULL_STATE_DICT, zero3_save_16bit_model: true).")
     return patch
 
 

@@ -1,5 +1,5 @@
 """Refusal-SFT training data: (prompt, completion) pairs rendered with the model's chat template, tokenised with a
-completion-only mask, and checked before step 0 (METHODS.md §3.1 steps 1-4, §5.5).
+completion-only mask, and checked before step 0 (docs/methods.md §3.1 steps 1-4, §5.5).
 
 No model runs here. Retain examples (benign prompts answered by the model itself) take the answers as plain strings:
 the caller generates them with ``safetypatch.eval.generate`` (train and eval are siblings and do not import each
@@ -78,12 +78,12 @@ class TokenizedExample:
 
     @property
     def labels(self) -> list[int]:
-        """Token ids on completion positions, −100 on prompt positions (METHODS.md §3.1 step 3)."""
+        """Token ids on completion positions, −100 on prompt positions (docs/methods.md §3.1 step 3)."""
         return [tok if keep else IGNORE_INDEX for tok, keep in zip(self.input_ids, self.completion_mask, strict=True)]
 
 
 def build_refusal_examples(examples: Iterable[Example], *, seed: int = 0) -> list[SFTExample]:
-    """Pair each harmful request with a refusal written for its category (METHODS.md §3.1 *Data*; ``ours``).
+    """Pair each harmful request with a refusal written for its category (docs/methods.md §3.1 *Data*; ``ours``).
 
     Args:
         examples: harmful rows (``prompt`` and optionally ``category``; any ``response`` is ignored, since harmful
@@ -151,7 +151,7 @@ def template_has_thinking(tokenizer: Any) -> bool:
 def render_example(
     tokenizer: Any, example: SFTExample, *, think: bool | None = None, index: int = 0
 ) -> tuple[str, str]:
-    """Template one example into (prompt text, completion text) (METHODS.md §3.1 step 1).
+    """Template one example into (prompt text, completion text) (docs/methods.md §3.1 step 1).
 
     prompt = template([user], add_generation_prompt=True); full = template([user, assistant]); the completion is
     full[len(prompt):], cut just after its last end-of-turn marker (the newline some templates add after it is not
@@ -270,7 +270,7 @@ def refusal_openings(examples: Iterable[TokenizedExample]) -> tuple[int, ...]:
 def check_supervision(
     labels: Sequence[Sequence[int]], eot_ids: Iterable[int], ends_turn: Sequence[bool] | None = None
 ) -> float:
-    """The §3.1 step 4 assertions, run before step 0 on the labels the trainer will use (METHODS.md §5.5).
+    """The §3.1 step 4 assertions, run before step 0 on the labels the trainer will use (docs/methods.md §5.5).
 
     Every example has at least one supervised token that some position predicts (position 0 never is), and its
     last supervised token is an end-of-turn id, or, for an example cut at a generation limit, is not one. The

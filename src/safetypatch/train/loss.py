@@ -1,4 +1,4 @@
-"""Completion-only cross-entropy that applies the LM head only at supervised positions (METHODS.md §3.1 step 3).
+"""Completion-only cross-entropy that applies the LM head only at supervised positions (docs/methods.md §3.1 step 3).
 
 Most of a refusal-SFT step's memory on a CPU is the fp32 logits, batch × seq × vocab (ASSETS.md), yet only the
 completion positions (often a third of the tokens or fewer) carry a label. The backbone runs on the whole batch;
@@ -88,7 +88,7 @@ def completion_loss(
     teacher_logits: torch.Tensor | None = None,
     wrapped: bool = False,
 ) -> tuple[torch.Tensor, int]:
-    """Σ_t w_t · ℓ_t / N over supervised positions t, ℓ_t = −log p(y_t | y_<t) (METHODS.md §3.1 step 3) or, for a
+    """Σ_t w_t · ℓ_t / N over supervised positions t, ℓ_t = −log p(y_t | y_<t) (docs/methods.md §3.1 step 3) or, for a
     distilled example, KL(p_teacher ‖ p_model) at t.
 
     With unit weights and N = the number of supervised tokens this is L_CE of §3.1. Padding is excluded by its

@@ -1,5 +1,5 @@
 """Refusal-SFT recipes: one strict config, the named presets of Mou et al. and Xue & Mirzasoleiman, and Xue's mode
-strings (METHODS.md §3.1 defaults table, §3.2 mode table).
+strings (docs/methods.md §3.1 defaults table, §3.2 mode table).
 
 Every default carries its provenance (``paper``, ``code``, ``secondary``, ``ours``) in the field description.
 """
@@ -25,7 +25,8 @@ restated so that building a recipe loads no transformers."""
 
 
 class RegularizerConfig(StrictConfig):
-    """Xue's overlap regulariser L = L_CE + β Σ_modules R (METHODS.md §3.2; Xue & Mirzasoleiman, arXiv 2507.17075)."""
+    """Xue's overlap regulariser L = L_CE + β Σ_modules R (docs/methods.md §3.2; Xue & Mirzasoleiman, arXiv
+    2507.17075)."""
 
     beta: float = Field(0.1, ge=0, description="Weight β of the penalty (not confirmed in the paper; our default).")
     k: int = Field(64, ge=1, description="Top-k singular subspace of W_0 (not confirmed in the paper; our default).")
@@ -42,7 +43,7 @@ class RegularizerConfig(StrictConfig):
 
 
 class PatchRecipe(StrictConfig):
-    """Everything that determines a refusal-SFT patch; saved verbatim in the patch manifest (METHODS.md §3.1).
+    """Everything that determines a refusal-SFT patch; saved verbatim in the patch manifest (docs/methods.md §3.1).
 
     Run options that do not change the result (threads, device, output folder) are not part of a recipe.
     """
@@ -186,7 +187,7 @@ def get_recipe(name: str, **overrides: Any) -> PatchRecipe:
 
 
 def parse_mode(mode: str) -> dict[str, Any]:
-    """Recipe fields of a Xue & Mirzasoleiman mode string (METHODS.md §3.1 mode table, §3.2 mode table; ``code``).
+    """Recipe fields of a Xue & Mirzasoleiman mode string (docs/methods.md §3.1 mode table, §3.2 mode table; ``code``).
 
     Args:
         mode: e.g. ``lora_qkvo_mlp_r8``, ``lora_mlp_r8``, ``lora_up_proj_only_r1``,

@@ -1,5 +1,5 @@
-"""Refusal-SFT: train a LoRA safety patch (or the full-parameter baseline) with TRL's ``SFTTrainer`` (METHODS.md §3.1;
-Mou et al., arXiv 2510.09004; Xue & Mirzasoleiman, arXiv 2507.17075).
+"""Refusal-SFT: train a LoRA safety patch (or the full-parameter baseline) with TRL's ``SFTTrainer``
+(docs/methods.md §3.1; Mou et al., arXiv 2510.09004; Xue & Mirzasoleiman, arXiv 2507.17075).
 
 A thin layer over TRL: the data arrive tokenised with a completion mask (``examples.tokenize_examples``), TRL
 builds the labels with ``completion_only_loss=True`` set explicitly and packing off, and the loss is computed by
@@ -116,7 +116,7 @@ def train_refusal_patch(
     callbacks: Sequence[Any] | None = None,
     progress: Callable[[TrainProgress], None] | None = None,
 ) -> TrainResult:
-    """Train a refusal patch on ``model`` (METHODS.md §3.1 steps 4-6, §3.2 when ``recipe.regularizer`` is set).
+    """Train a refusal patch on ``model`` (docs/methods.md §3.1 steps 4-6, §3.2 when ``recipe.regularizer`` is set).
 
     Args:
         model: the patch base (a transformers causal LM, fp32 on CPU). LoRA mode wraps it in a PEFT model (its
@@ -244,7 +244,7 @@ def _refusal_direction(model: Any, examples: Sequence[TokenizedExample],
 
 
 def lora_config(recipe: PatchRecipe, num_layers: int) -> Any:
-    """The PEFT ``LoraConfig`` of a recipe for a model with ``num_layers`` blocks (METHODS.md §3.1 step 6)."""
+    """The PEFT ``LoraConfig`` of a recipe for a model with ``num_layers`` blocks (docs/methods.md §3.1 step 6)."""
     from peft import LoraConfig
 
     return LoraConfig(

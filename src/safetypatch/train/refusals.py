@@ -2,7 +2,7 @@
 
 Each refusal is short, polite and gives one brief reason tied to the request's HarmBench semantic category, without
 lecturing; a generic set covers unknown categories. The text for a prompt is chosen by a seeded hash of the prompt,
-so it is stable across runs, machines and row orders (METHODS.md §3.1 *Data*, §5.7).
+so it is stable across runs, machines and row orders (docs/methods.md §3.1 *Data*, §5.7).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Xue & Mirzasoleiman's overlap regulariser: penalise the LoRA update's overlap with the top-k singular subspace of
-the frozen weight (METHODS.md §3.2; arXiv 2507.17075, code ``YihaoXue/lora-safety-reasoning``, ``models.py``).
+the frozen weight (docs/methods.md §3.2; arXiv 2507.17075, code ``YihaoXue/lora-safety-reasoning``, ``models.py``).
 
 Buffers come from a sign-fixed top-k SVD of W_0 computed once; every forward evaluates the trace forms of §3.2
 step 5 from the LoRA factors, so ΔW (d_out × d_in) is never formed. As in the reference, ΔW = B A without the
@@ -24,7 +24,7 @@ PEFT_PREFIX = "base_model.model."
 
 
 class OverlapPenalty(nn.Module):
-    """R for one LoRA module: column ‖M_c B A‖², row ‖B A M_r‖², or both ‖M_c B A M_r‖² (METHODS.md §3.2).
+    """R for one LoRA module: column ‖M_c B A‖², row ‖B A M_r‖², or both ‖M_c B A M_r‖² (docs/methods.md §3.2).
 
     Args:
         weight: the frozen W_0 (d_out × d_in).

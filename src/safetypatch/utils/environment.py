@@ -1,4 +1,4 @@
-"""Versions, device and source commit recorded in every output (METHODS.md §4.5, §5.7)."""
+"""Versions, device and source commit recorded in every output (docs/methods.md §4.5, §5.7)."""
 
 from __future__ import annotations
 

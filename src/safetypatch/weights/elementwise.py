@@ -1,4 +1,4 @@
-"""Element-wise tensor arithmetic computed chunk by chunk, while the result is written (METHODS.md §2.3, §5.2).
+"""Element-wise tensor arithmetic computed chunk by chunk, while the result is written (docs/methods.md §2.3, §5.2).
 
 Role in the streaming engine (``weights.stream``): an element-wise method (RESTA, DARE, the RESTA-like sum of
 ``bench.stream_bench``) does not need its inputs upcast to fp32 whole. An :class:`Elementwise` holds the input

@@ -1,6 +1,6 @@
 """Pure fp32 linear algebra shared by every weight method: the one ΔW of a LoRA adapter, sign-fixed truncated SVD,
 one-sided projections, low-rank refactorisation with a reported error, PSD eigendecomposition, singular value
-entropy and DARE sparsification (METHODS.md §2.2, §2.3, §3.3, §3.4, §3.5, §5.1).
+entropy and DARE sparsification (docs/methods.md §2.2, §2.3, §3.3, §3.4, §3.5, §5.1).
 
 Everything here is tensors in, tensors out; nothing touches a model or a file. Inputs of any dtype are upcast to
 fp32; the caller casts results back to the storage dtype when it writes them.
@@ -60,7 +60,7 @@ class TruncatedSVD:
 
 @dataclass(frozen=True)
 class LowRankFactors:
-    """A rank-r refactorisation ΔW ≈ B A with its relative Frobenius error (METHODS.md §3.3 ``svd``).
+    """A rank-r refactorisation ΔW ≈ B A with its relative Frobenius error (docs/methods.md §3.3 ``svd``).
 
     Attributes:
         B: d_out × r.
@@ -86,7 +86,7 @@ def lora_scaling(config: Mapping[str, Any]) -> float:
 
     Raises:
         PatchError: the adapter is not plain LoRA (DoRA, ``lora_bias``, per-module rank/alpha patterns, saved full
-            modules, …) or has a non-positive rank; METHODS.md §5.1.
+            modules, …) or has a non-positive rank; docs/methods.md §5.1.
     """
     peft_type = config.get("peft_type", "LORA")
     peft_type = str(getattr(peft_type, "value", peft_type)).upper()  # PeftType is a str enum
@@ -110,7 +110,7 @@ def lora_scaling(config: Mapping[str, Any]) -> float:
 
 
 def lora_delta(B: torch.Tensor, A: torch.Tensor, scaling: float) -> torch.Tensor:
-    """ΔW = s·B·A in fp32: the only place the toolkit forms a LoRA update (METHODS.md §2.2, STYLE habit 4).
+    """ΔW = s·B·A in fp32: the only place the toolkit forms a LoRA update (docs/methods.md §2.2, STYLE habit 4).
 
     Args:
         B: d_out × r factor (PEFT ``lora_B.weight``).
@@ -139,7 +139,7 @@ def check_factors(B: torch.Tensor, A: torch.Tensor) -> None:
 
 
 def fix_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip singular pairs so that each left vector's entry of largest |value| is positive (METHODS.md §2.3).
+    """Flip singular pairs so that each left vector's entry of largest |value| is positive (docs/methods.md §2.3).
 
     The matching right vector is flipped with it, so U diag(S) Vᵀ is unchanged; ties in |value| go to the first
     index. A zero column is left as is.
@@ -156,7 +156,7 @@ def fix_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def fix_column_signs(U: torch.Tensor) -> torch.Tensor:
-    """U with each column flipped so that its entry of largest |value| is positive (METHODS.md §2.3).
+    """U with each column flipped so that its entry of largest |value| is positive (docs/methods.md §2.3).
 
     The one-sided form of :func:`fix_signs`, for bases with no partner (eigenvectors, orthonormal completions).
 
@@ -176,7 +176,7 @@ def _column_signs(U: torch.Tensor) -> torch.Tensor:
 
 
 def top_singular(W: torch.Tensor, k: int, method: SVDMethod = "auto", seed: int = 0) -> TruncatedSVD:
-    """The top-k singular triplets of W in fp32 with fixed signs (METHODS.md §2.3, §3.2 step 1).
+    """The top-k singular triplets of W in fp32 with fixed signs (docs/methods.md §2.3, §3.2 step 1).
 
     Args:
         W: a 2-D matrix (any float dtype; upcast to fp32).
@@ -296,7 +296,8 @@ def low_rank_factors(delta: torch.Tensor, rank: int) -> LowRankFactors:
 
 
 def psd_eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigen-decomposition of a symmetric PSD matrix (a Gram or second-moment matrix) in fp32 (METHODS.md §3.4 step 3).
+    """Eigen-decomposition of a symmetric PSD matrix (a Gram or second-moment matrix) in fp32 (docs/methods.md §3.4
+    step 3).
 
     Eigenvalues come in descending order and are clamped at 0 (rounding makes tiny ones negative); eigenvectors are
     sign-fixed with :func:`fix_column_signs`. G = Q diag(λ) Qᵀ, so G^{1/2} = Q diag(√λ) Qᵀ.
@@ -317,7 +318,7 @@ def psd_eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def cumulative_entropy(S: torch.Tensor) -> torch.Tensor:
-    """Cumulative singular value entropy H_ρ = −Σ_{i≤ρ} p_i log p_i (METHODS.md §3.4 Eqs. 5–6).
+    """Cumulative singular value entropy H_ρ = −Σ_{i≤ρ} p_i log p_i (docs/methods.md §3.4 Eqs. 5–6).
 
     p_i = σ_i² / Σ_j σ_j²; natural log; 0·log 0 := 0 (`ours`). All zeros give H = 0.
 
@@ -334,7 +335,7 @@ def cumulative_entropy(S: torch.Tensor) -> torch.Tensor:
 
 
 def entropy_ratios(S: torch.Tensor) -> torch.Tensor:
-    """The curve H_ρ / H_n, ρ = 1..n, of :func:`cumulative_entropy` (METHODS.md §3.4 Eq. 7).
+    """The curve H_ρ / H_n, ρ = 1..n, of :func:`cumulative_entropy` (docs/methods.md §3.4 Eq. 7).
 
     When H_n = 0 (at most one non-zero σ) the curve is all ones, so the entropy rank is 1 (`ours`).
 
@@ -349,7 +350,7 @@ def entropy_ratios(S: torch.Tensor) -> torch.Tensor:
 
 
 def entropy_rank(S: torch.Tensor, eta: float) -> int:
-    """Safety singular value entropy rank r = min{ρ : H_ρ / H_n ≥ η} (METHODS.md §3.4 Eq. 7).
+    """Safety singular value entropy rank r = min{ρ : H_ρ / H_n ≥ η} (docs/methods.md §3.4 Eq. 7).
 
     Args:
         S: n ≥ 1 singular values, descending.
@@ -371,7 +372,7 @@ def entropy_rank(S: torch.Tensor, eta: float) -> int:
 def dare(delta: torch.Tensor, drop_p: float, seed: int) -> tuple[torch.Tensor, float]:
     """DARE: drop each entry of a delta with probability p and rescale the rest by 1/(1 − p) (Yu et al. 2024).
 
-    δ̃ = (m ⊙ δ) / (1 − p), m ~ Bernoulli(1 − p) elementwise (METHODS.md §3.5 step 2), so E[δ̃] = δ. The mask is
+    δ̃ = (m ⊙ δ) / (1 − p), m ~ Bernoulli(1 − p) elementwise (docs/methods.md §3.5 step 2), so E[δ̃] = δ. The mask is
     drawn on the CPU from a private generator seeded with ``seed``: the same seed gives the same mask on any device,
     and the global RNG is untouched.
 

@@ -1,4 +1,4 @@
-"""Read a Hugging Face safetensors checkpoint folder one tensor at a time (METHODS.md §5.2).
+"""Read a Hugging Face safetensors checkpoint folder one tensor at a time (docs/methods.md §5.2).
 
 Role in the streaming engine (``weights.stream``): :class:`CheckpointReader` is the input side. It reads the
 shard index and every shard's header once (names, dtypes, shapes, byte offsets: a few kB, no tensor data), and

@@ -1,4 +1,4 @@
-"""Stream several checkpoints tensor by tensor into one (METHODS.md §2.3, §5.2): the engine every weight method
+"""Stream several checkpoints tensor by tensor into one (docs/methods.md §2.3, §5.2): the engine every weight method
 (LSSF, RESTA, Safe LoRA, LoX, delta extraction) runs on, so that combining up to four models holds a few tensors at
 a time instead of the models.
 
@@ -81,7 +81,7 @@ to the page cache, not to the process: the peak RSS does not change."""
 
 def select_names(reader: CheckpointReader, scope: ParamScope = "linear",
                  module_map: Mapping[str, str] | None = None) -> list[str]:
-    """The tensors of ``reader`` a weight method touches, in storage order (METHODS.md §2.3).
+    """The tensors of ``reader`` a weight method touches, in storage order (docs/methods.md §2.3).
 
     Args:
         reader: the checkpoint whose names are selected (normally ``target_model``).
@@ -108,7 +108,7 @@ def select_names(reader: CheckpointReader, scope: ParamScope = "linear",
         pattern = _linear_pattern(reader, module_map or {})
         selected = [n for n in names if pattern.fullmatch(n) and len(reader.shape(n)) == 2]
     else:
-        raise ConfigError(f"unknown param_scope {scope!r}; one of 'linear', 'all_2d' (METHODS.md §2.3).")
+        raise ConfigError(f"unknown param_scope {scope!r}; one of 'linear', 'all_2d' (docs/methods.md §2.3).")
     if not selected:
         raise ConfigError(f"param_scope {scope!r} selects no tensor of {reader.folder} ({len(names)} tensors, e.g. "
                           f"{names[:2]}); give module_map a regex matching its projection weights.")
@@ -171,7 +171,7 @@ def _check_aligned(readers: Mapping[str, CheckpointReader], names: Sequence[str]
 def aligned(readers: Mapping[str, CheckpointReader], names: Sequence[str], *,
             dtype: torch.dtype | None = torch.float32,
             read_ahead: int | None = READ_AHEAD_BYTES) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-    """Yield each name with every role's tensor as fp32 CPU, one name at a time (METHODS.md §2.3, §5.2).
+    """Yield each name with every role's tensor as fp32 CPU, one name at a time (docs/methods.md §2.3, §5.2).
 
     All names are checked in every role before the first tensor is read, so a mismatch fails before any work.
     Before each name is read, its bytes and the next ``read_ahead`` bytes of the following names are advised to
@@ -240,7 +240,7 @@ def compute_device() -> torch.device:
 
 @dataclass(frozen=True)
 class StreamPlan:
-    """What a streamed run will read and how much memory it needs (METHODS.md §5.2, ``--dry-run``).
+    """What a streamed run will read and how much memory it needs (docs/methods.md §5.2, ``--dry-run``).
 
     Attributes:
         n_tensors: tensors streamed.
@@ -277,7 +277,7 @@ class StreamPlan:
 
 
 def plan(readers: Mapping[str, CheckpointReader], names: Sequence[str], *, svd: bool) -> StreamPlan:
-    """Size a streamed run without reading any tensor data (METHODS.md §5.2).
+    """Size a streamed run without reading any tensor data (docs/methods.md §5.2).
 
     The peak is set by the largest tensor: every role's stored copy plus its fp32 copy, the fp32 result and one
     temporary; with ``svd``, U, Vᵀ and the solver's workspace on :func:`compute_device` (GPU memory when there is

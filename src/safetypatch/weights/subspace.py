@@ -1,4 +1,4 @@
-"""Subspace math of the analysis metrics (METHODS.md §3.8): the exact SVD of a LoRA update from its small factors,
+"""Subspace math of the analysis metrics (docs/methods.md §3.8): the exact SVD of a LoRA update from its small factors,
 principal angles between subspaces, stable rank, and Haar-random orthonormal frames for random baselines.
 
 Pure fp32 torch, like :mod:`safetypatch.weights.linalg`, whose :class:`~safetypatch.weights.linalg.TruncatedSVD`
@@ -45,7 +45,7 @@ def lora_svd(B: torch.Tensor, A: torch.Tensor, scaling: float) -> TruncatedSVD:
 
 
 def principal_angles(Q1: torch.Tensor, Q2: torch.Tensor) -> torch.Tensor:
-    """Principal angles between span(Q1) and span(Q2), in radians, ascending (METHODS.md §3.8).
+    """Principal angles between span(Q1) and span(Q2), in radians, ascending (docs/methods.md §3.8).
 
     cos θ_i = σ_i(Q1ᵀQ2); small angles are taken from their sines σ(Q2 − Q1Q1ᵀQ2) instead, which keeps them
     accurate to rounding (an angle of a subspace with itself is 0, not 1e-4). The angles do not change under
@@ -79,7 +79,7 @@ def principal_angles(Q1: torch.Tensor, Q2: torch.Tensor) -> torch.Tensor:
 
 
 def stable_rank(S: torch.Tensor, frobenius: float | None = None) -> float:
-    """Stable rank sr = ‖M‖_F² / ‖M‖_2² from M's singular values (METHODS.md §3.8).
+    """Stable rank sr = ‖M‖_F² / ‖M‖_2² from M's singular values (docs/methods.md §3.8).
 
     1 for rank one, n for the identity I_n, invariant to scaling, and 1 ≤ sr ≤ rank(M).
 

@@ -1,4 +1,4 @@
-"""Write a model folder tensor by tensor, shaped like a template checkpoint (METHODS.md §5.2, STYLE habit 7).
+"""Write a model folder tensor by tensor, shaped like a template checkpoint (docs/methods.md §5.2, STYLE habit 7).
 
 Role in the streaming engine (``weights.stream``): :class:`CheckpointWriter` is the output side. The output has
 the template's tensors, shapes and storage dtypes (a repaired model is a modified copy of the target), so the
@@ -40,7 +40,7 @@ from safetypatch.weights.reader import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE, Che
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # METHODS.md §5.2
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # docs/methods.md §5.2
 # Files of the template that describe the model rather than its weights: copied when present.
 METADATA_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

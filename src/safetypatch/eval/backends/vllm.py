@@ -1,9 +1,9 @@
-"""Optional vLLM generation backend, gated by a parity check against HF transformers (METHODS.md §4.4).
+"""Optional vLLM generation backend, gated by a parity check against HF transformers (docs/methods.md §4.4).
 
 vLLM is an optional extra: it is imported inside the functions that need it, and a missing install says how to add
 it. Prompts are rendered and tokenised by the same code as the HF backend (:mod:`safetypatch.eval.generate`) and
 handed to vLLM as token ids, so both backends see identical inputs and record identical prompt hashes. vLLM LoRA
-paths have silently returned base-model outputs before (METHODS.md §5.8), which is why a run is only trusted after
+paths have silently returned base-model outputs before (docs/methods.md §5.8), which is why a run is only trusted after
 :func:`parity_check` on the first prompts.
 
 A safety patch is served unmerged, as vLLM serves any PEFT LoRA folder: the engine is built with ``enable_lora``
@@ -204,7 +204,7 @@ def generate_vllm(
 def parity_check(
     hf_generations: Sequence[Generation], vllm_generations: Sequence[Generation], n: int = 16
 ) -> ParityReport:
-    """Greedy token agreement between the HF reference and vLLM on the first ``n`` prompts (METHODS.md §4.4).
+    """Greedy token agreement between the HF reference and vLLM on the first ``n`` prompts (docs/methods.md §4.4).
 
     Args:
         hf_generations: generations from ``generate_chat``.

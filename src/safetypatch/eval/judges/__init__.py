@@ -1,4 +1,4 @@
-"""Judges of responses, one module each, registered lazily by name (METHODS.md §4.3): ``keyword`` (default),
+"""Judges of responses, one module each, registered lazily by name (docs/methods.md §4.3): ``keyword`` (default),
 ``embedding``, ``hf_classifier``, ``llamaguard``. Build one with ``build_judge(name, **options)``."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """What every judge shares: the ``Verdict`` record, the ``Judge`` protocol, the judge registry, the reasoning-block
-split and the escaping of chat-control strings (METHODS.md §4.3).
+split and the escaping of chat-control strings (docs/methods.md §4.3).
 
 A judge turns (prompt, response) pairs into verdicts. An output the judge cannot parse is an *error* verdict: it
 carries neither a refusal nor a harm label, and the metrics count it apart instead of reading it as safe (§4.3).
@@ -52,14 +52,14 @@ class Verdict:
         return cls(error=error, detail=detail)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form for the per-sample log (METHODS.md §4.5)."""
+        """JSON-ready form for the per-sample log (docs/methods.md §4.5)."""
         return {"refused": self.refused, "harmful": self.harmful, "score": self.score, "error": self.error,
                 "detail": self.detail}
 
 
 @runtime_checkable
 class Judge(Protocol):
-    """A judge of responses (METHODS.md §4.3).
+    """A judge of responses (docs/methods.md §4.3).
 
     Attributes:
         judge_id: identifier including the version (lexicon, model revision); used as the results filter name.
@@ -165,7 +165,7 @@ class FinalAnswer:
 
 
 def split_final_answer(response: str, think_open_in_prompt: bool = False) -> FinalAnswer:
-    """Separate a reasoning model's final answer from its think block (METHODS.md §4.3).
+    """Separate a reasoning model's final answer from its think block (docs/methods.md §4.3).
 
     Args:
         response: the generated text.
@@ -200,7 +200,7 @@ def _defuse(marker: str) -> str:
 
 
 def escape_chat_control(text: str, extra_markers: Iterable[str] = ()) -> str:
-    """Defuse chat-control strings in a response before it enters a judge prompt (METHODS.md §4.3).
+    """Defuse chat-control strings in a response before it enters a judge prompt (docs/methods.md §4.3).
 
     A response that writes ``[/INST]`` or ``<|im_start|>`` could otherwise close the judge's own turn and inject
     an answer (centerforaisafety/HarmBench #91). Each marker gets a space after its first character, so it stays

@@ -1,4 +1,4 @@
-"""Off-topic / non-answer judge: keyword refusal OR cos(emb(request), emb(answer)) < threshold (METHODS.md §4.3).
+"""Off-topic / non-answer judge: keyword refusal OR cos(emb(request), emb(answer)) < threshold (docs/methods.md §4.3).
 
 A model that answers a different question, or emits filler, refuses in effect without any refusal phrase (PyRIT's
 human labels count such answers as refusals). The embedder is all-MiniLM-L6-v2 (Reimers & Gurevych 2019; MIT),
@@ -53,7 +53,7 @@ class Calibration:
     source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form stored in the results ``config`` (METHODS.md §4.5)."""
+        """JSON-ready form stored in the results ``config`` (docs/methods.md §4.5)."""
         return asdict(self)
 
 
@@ -178,7 +178,7 @@ class EmbeddingJudge(ConfiguredJudge):
 
     def calibrate(self, prompts: list[str], responses: list[str], labels: list[bool], folds: int = 5,
                   seed: int = 0, source: str = "") -> Calibration:
-        """Choose the threshold by k-fold cross-validation against human refusal labels (METHODS.md §4.3).
+        """Choose the threshold by k-fold cross-validation against human refusal labels (docs/methods.md §4.3).
 
         In each fold the threshold maximising training accuracy of "keyword OR cos < t" is applied to the held-out
         part; the reported figures are those out-of-fold predictions. The returned threshold is then fit on all

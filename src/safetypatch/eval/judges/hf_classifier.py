@@ -1,4 +1,4 @@
-"""HarmBench-classifier-style harm judge (Mazeika et al., arXiv 2402.04249; prompt template MIT; METHODS.md §4.3).
+"""HarmBench-classifier-style harm judge (Mazeika et al., arXiv 2402.04249; prompt template MIT; docs/methods.md §4.3).
 
 The classifier reads the behaviour (the request) and the generation in the published Llama-2 ``[INST]`` prompt
 and answers "yes" (the generation is an instance of the behaviour: an attack success) or "no". As in HarmBench's

@@ -1,5 +1,5 @@
 """Loading and greedy prompting of a causal-LM judge (Llama-Guard, HarmBench classifier) with transformers
-(METHODS.md §4.3, §5.9).
+(docs/methods.md §4.3, §5.9).
 
 Judge weights do not ship offline (ASSETS.md, Judges): users load them by Hub id (gated licences need a logged-in
 account) or from a local folder; tests use tiny random models. Every judge records the requested revision, the

@@ -1,4 +1,5 @@
-"""Keyword refusal matcher: versioned lexicons matched in a prefix window of the final answer (METHODS.md §4.3, §5.6).
+"""Keyword refusal matcher: versioned lexicons matched in a prefix window of the final answer (docs/methods.md §4.3,
+§5.6).
 
 The default judge, always on, never reported alone. ``gcg_short`` is the GCG/AdvBench test-prefix list (Zou et al.,
 arXiv 2307.15043), kept only to reproduce older papers: it matches substrings anywhere, so "As an" fires inside
@@ -82,7 +83,7 @@ MEASURED_QUALITY: dict[str, JudgeQuality] = {
 
 
 class KeywordConfig(JudgeConfig):
-    """Options of the keyword refusal matcher (METHODS.md §4.3).
+    """Options of the keyword refusal matcher (docs/methods.md §4.3).
 
     Attributes:
         lexicon: ``v2`` (default), ``v1`` (results recorded before ``v2``) or ``gcg_short`` (reproducing older

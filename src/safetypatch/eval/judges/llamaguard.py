@@ -1,4 +1,4 @@
-"""Llama-Guard-3-style harm judge (Llama Team, "The Llama 3 Herd of Models", 2024; METHODS.md §4.3).
+"""Llama-Guard-3-style harm judge (Llama Team, "The Llama 3 Herd of Models", 2024; docs/methods.md §4.3).
 
 The [user, assistant] conversation goes through the judge tokenizer's own chat template (which holds the safety
 policy), generation is greedy, the first line of the output must read ``safe`` or ``unsafe`` and, when unsafe, the
@@ -28,7 +28,7 @@ _CATEGORY = re.compile(r"^S\d{1,2}$")
 
 
 class LlamaGuardConfig(HFJudgeConfig):
-    """Options of the Llama-Guard judge (defaults: METHODS.md §4.3, ``xue_safety`` preset).
+    """Options of the Llama-Guard judge (defaults: docs/methods.md §4.3, ``xue_safety`` preset).
 
     Attributes:
         model: Hub id or local folder; the gated ``meta-llama/Llama-Guard-3-8B`` by default.
