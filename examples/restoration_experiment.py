@@ -42,8 +42,8 @@ UNSAFE_BATCH = {"max_length": 1280, "per_device_train_batch_size": 1, "gradient_
 UNSAFE = {"full": {"n": 100, "num_train_epochs": 5.0, "learning_rate": 5e-5},
           "lora": {"n": 200, "num_train_epochs": 2.0, "learning_rate": 3e-4}}
 """Rows, epochs and learning rate of the unsafe fine-tune per ``--unsafe-mode``: ``full`` is the
-unalignment default of docs/methods.md §2.1 (100 pairs, full fine-tuning, 5 epochs, lr 5e-5); ``lora`` the whole train half, 2 epochs, a
-merged LoRA at 1.5 times the patch recipe's learning rate."""
+unalignment default of docs/methods.md §2.1 (100 pairs, full fine-tuning, 5 epochs, lr 5e-5); ``lora`` the whole
+train half, 2 epochs, a merged LoRA at 1.5 times the patch recipe's learning rate."""
 
 
 def main() -> None:

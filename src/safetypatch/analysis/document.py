@@ -1,6 +1,6 @@
 """The analysis report as a JSON document: per-module rows, per-layer and per-module aggregates, the hidden-state
 shift, the config and the provenance; built here, read back by :func:`read_analysis` (the HTML report reads only this
-file and loads no model; docs/methods.md §3.8, STYLE.md §3 step 5).
+file and loads no model; docs/methods.md §3.8, ARCHITECTURE.md *Data flow* step 7).
 """
 
 from __future__ import annotations

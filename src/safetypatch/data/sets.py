@@ -1,4 +1,4 @@
-"""The named sets: each one's card, pinned offline source (a wheel on PyPI, see ``ASSETS.md``), Hub id and mapper.
+"""The named sets: each one's card, pinned offline source (a wheel on PyPI, see docs/data.md), Hub id and mapper.
 
 Row counts are pinned to what the pinned wheels hold after mapping (and de-duplication where set); loading the
 offline copy checks them.

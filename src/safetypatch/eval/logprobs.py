@@ -1,9 +1,9 @@
 """Log-probabilities at selected positions only.
 
 Scoring needs the next-token distribution at a few positions (continuation or response tokens), yet a plain
-forward materialises fp32 logits for every position (batch x seq x vocab: most of the memory, ASSETS.md). Here the
+forward materialises fp32 logits for every position (batch x seq x vocab: most of the memory). Here the
 decoder's hidden states are taken from the base model and the LM head is applied only where a caller asks, as TRL's
-chunked loss does (STYLE.md §1). Multiple-choice scoring and benign drift share these helpers.
+chunked loss does. Multiple-choice scoring and benign drift share these helpers.
 """
 
 from __future__ import annotations

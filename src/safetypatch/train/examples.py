@@ -103,7 +103,7 @@ def build_refusal_examples(examples: Iterable[Example], *, seed: int = 0) -> lis
 def build_retain_examples(
     prompts: Sequence[str], responses: Sequence[str], *, weight: float = 1.0, ends_turn: Sequence[bool] | None = None
 ) -> list[SFTExample]:
-    """Benign prompts answered by the model itself, trained on so the patch keeps answering them (FINDINGS.md §1).
+    """Benign prompts answered by the model itself, trained on so the patch keeps answering them (docs/patches.md).
 
     Args:
         prompts: benign user turns.

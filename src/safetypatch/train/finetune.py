@@ -1,9 +1,10 @@
 """Supervised fine-tuning of a causal LM on prompt → response pairs, saved as a complete Hugging Face model folder.
 
-The project needs descendants of a model (ASSETS.md): a benign fine-tune (does a safety patch transfer to it, and
-how much refusal does benign fine-tuning erode) and an unsafe model fine-tuned on harmful Q/A (an input of the
-restoration methods). The pairs are rendered with the chat template and supervised on the response and its
-end-of-turn token only (:func:`~safetypatch.train.examples.tokenize_examples`), trained by the Refusal-SFT trainer
+The project needs descendants of a model, since no offline package ships an aligned and an unaligned model of one
+architecture: a benign fine-tune (does a safety patch transfer to it, and how much refusal does benign fine-tuning
+erode) and an unsafe model fine-tuned on harmful Q/A (an input of the restoration methods). The pairs are rendered with
+the chat template and supervised on the response and its end-of-turn token only
+(:func:`~safetypatch.train.examples.tokenize_examples`), trained by the Refusal-SFT trainer
 (:func:`~safetypatch.train.refusal_sft.train_refusal_patch`) under a :class:`~safetypatch.train.recipes.PatchRecipe`,
 LoRA factors are merged into the weights (:func:`~safetypatch.patch.apply.merge_patch`), and the folder (weights,
 tokenizer, ``finetune.json``) is written atomically and read back tensor by tensor

@@ -1,6 +1,6 @@
 """Completion-only cross-entropy that applies the LM head only at supervised positions (docs/methods.md §3.1 step 3).
 
-Most of a refusal-SFT step's memory on a CPU is the fp32 logits, batch × seq × vocab (ASSETS.md), yet only the
+Most of a refusal-SFT step's memory on a CPU is the fp32 logits, batch × seq × vocab, yet only the
 completion positions (often a third of the tokens or fewer) carry a label. The backbone runs on the whole batch;
 the LM head, the final-logit soft-capping (Gemma 2/3) and the loss run only where the shifted label is not −100.
 

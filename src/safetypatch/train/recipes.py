@@ -74,7 +74,7 @@ class PatchRecipe(StrictConfig):
     think: bool | None = Field(
         None, description="Prefix refusals with a short thinking segment; None: when the template has <think>.")
     refusal_seed: int = Field(0, description="Seed choosing each prompt's refusal text (ours).")
-    retain_count: int = Field(0, ge=0, description="Benign prompts answered by the model itself (FINDINGS.md §1).")
+    retain_count: int = Field(0, ge=0, description="Benign prompts answered by the model itself (docs/patches.md).")
     retain_weight: float = Field(1.0, ge=0, description="Loss weight of retain tokens relative to refusals (ours).")
     lead_tokens: int = Field(0, ge=0, description="Leading completion tokens of every example that weigh lead_weight "
                                                   "times more: the refuse-or-answer decision (ours; 0 = off).")

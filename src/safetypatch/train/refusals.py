@@ -1,4 +1,4 @@
-"""Refusal targets written for safetypatch (``ours``; ASSETS.md: no (harmful prompt → refusal) set ships offline).
+"""Refusal targets written for safetypatch (``ours``: no (harmful prompt → refusal) set ships offline).
 
 Each refusal is short, polite and gives one brief reason tied to the request's HarmBench semantic category, without
 lecturing; a generic set covers unknown categories. The text for a prompt is chosen by a seeded hash of the prompt,

@@ -110,7 +110,7 @@ def lora_scaling(config: Mapping[str, Any]) -> float:
 
 
 def lora_delta(B: torch.Tensor, A: torch.Tensor, scaling: float) -> torch.Tensor:
-    """ΔW = s·B·A in fp32: the only place the toolkit forms a LoRA update (docs/methods.md §2.2, STYLE habit 4).
+    """ΔW = s·B·A in fp32: the only place the toolkit forms a LoRA update (docs/methods.md §2.2).
 
     Args:
         B: d_out × r factor (PEFT ``lora_B.weight``).

@@ -1,4 +1,4 @@
-"""Write a model folder tensor by tensor, shaped like a template checkpoint (docs/methods.md §5.2, STYLE habit 7).
+"""Write a model folder tensor by tensor, shaped like a template checkpoint (docs/methods.md §5.2).
 
 Role in the streaming engine (``weights.stream``): :class:`CheckpointWriter` is the output side. The output has
 the template's tensors, shapes and storage dtypes (a repaired model is a modified copy of the target), so the

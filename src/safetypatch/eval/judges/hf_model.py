@@ -1,9 +1,9 @@
 """Loading and greedy prompting of a causal-LM judge (Llama-Guard, HarmBench classifier) with transformers
 (docs/methods.md §4.3, §5.9).
 
-Judge weights do not ship offline (ASSETS.md, Judges): users load them by Hub id (gated licences need a logged-in
-account) or from a local folder; tests use tiny random models. Every judge records the requested revision, the
-resolved commit and a hash of its prompt template, so a number can be traced to the exact judge.
+Judge weights do not ship offline (no PyPI package carries them): users load them by Hub id (gated licences need a
+logged-in account) or from a local folder; tests use tiny random models. Every judge records the requested revision,
+the resolved commit and a hash of its prompt template, so a number can be traced to the exact judge.
 """
 
 from __future__ import annotations
