@@ -1,5 +1,5 @@
-"""``safetypatch apply`` / ``safetypatch.apply_patch`` on tiny local models (METHODS.md §3.3, §5.1, §5.8): merges are
-checked on the product ΔW = s·B·A in fp32, adapters by reloading them with PEFT."""
+"""``safetypatch apply`` / ``safetypatch.apply_patch`` on tiny local models (docs/methods.md §3.3, §5.1, §5.8): merges
+are checked on the product ΔW = s·B·A in fp32, adapters by reloading them with PEFT."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The dependency rule of STYLE.md §4, checked by parsing every module's imports."""
+"""The layering rule of ARCHITECTURE.md, checked by parsing every module's imports."""
 
 from __future__ import annotations
 

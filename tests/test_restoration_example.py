@@ -52,7 +52,7 @@ def test_a_misspelt_variant_setting_fails_before_any_step(script, tmp_path):
 
 
 @pytest.mark.parametrize(("argv", "expected"), [
-    ([], ("full", 100, 5.0, 5e-5)),  # METHODS.md's unalignment default
+    ([], ("full", 100, 5.0, 5e-5)),  # the unalignment default of docs/methods.md §2.1
     (["--unsafe-mode", "lora"], ("lora", 200, 2.0, 3e-4)),
     (["--unsafe-mode", "lora", "--n-harmful", "50", "--unsafe-epochs", "1"], ("lora", 50, 1.0, 3e-4)),
 ])

@@ -1,5 +1,5 @@
-"""The hidden-state shift (METHODS.md §3.8 (f)): exactly zero for a zero-initialised LoRA and for a model compared with
-itself, positive for a real patch, one value per decoder block; prompts from an evaluation half, seeded."""
+"""The hidden-state shift (docs/methods.md §3.8 (f)): exactly zero for a zero-initialised LoRA and for a model compared
+with itself, positive for a real patch, one value per decoder block; prompts from an evaluation half, seeded."""
 
 from __future__ import annotations
 

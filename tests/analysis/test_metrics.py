@@ -1,6 +1,6 @@
-"""The §3.8 metric invariants (METHODS.md §3.8 *How to test*) on matrices with a known SVD: Mou's similarity and the
-principal angles of ΔW against W_0, Xue's overlaps, the spectral metrics, LoX's R-metrics and the random baseline
-(the subspace primitives themselves: tests/weights/test_subspace.py)."""
+"""The §3.8 metric invariants (docs/methods.md §3.8 *Tested invariants*) on matrices with a known SVD: Mou's
+similarity and the principal angles of ΔW against W_0, Xue's overlaps, the spectral metrics, LoX's R-metrics and the
+random baseline (the subspace primitives themselves: tests/weights/test_subspace.py)."""
 
 from __future__ import annotations
 

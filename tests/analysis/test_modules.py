@@ -1,4 +1,4 @@
-"""Streaming the modules of an analysis from tiny checkpoints on disk (METHODS.md §2.4, §3.8, §5.2): the streamed
+"""Streaming the modules of an analysis from tiny checkpoints on disk (docs/methods.md §2.4, §3.8, §5.2): the streamed
 two-checkpoint path and the LoRA-factor path equal the in-memory computation, the W_0 SVD cache is exact, and
 patches or checkpoints that do not fit the model are refused with the file and tensor named."""
 

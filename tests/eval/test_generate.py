@@ -1,4 +1,4 @@
-"""Pinned chat generation (METHODS.md §4.4) on tiny local models: batching never changes greedy tokens; the vLLM
+"""Pinned chat generation (docs/methods.md §4.4) on tiny local models: batching never changes greedy tokens; the vLLM
 backend's missing-extra error and parity helper."""
 
 from __future__ import annotations

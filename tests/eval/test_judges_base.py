@@ -1,4 +1,4 @@
-"""Judge registry, verdicts and the escaping of chat-control strings (METHODS.md §4.3)."""
+"""Judge registry, verdicts and the escaping of chat-control strings (docs/methods.md §4.3)."""
 
 from __future__ import annotations
 

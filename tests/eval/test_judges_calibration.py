@@ -1,4 +1,5 @@
-"""Re-measure the shipped judge figures on PyRIT's human refusal labels (METHODS.md §4.3; ASSETS.md Judges).
+"""Re-measure the shipped judge figures on PyRIT's human refusal labels (docs/methods.md §4.3; docs/evaluation.md
+*Judges*).
 
 The keyword figures in ``MEASURED_QUALITY`` and the embedding threshold in ``PYRIT_CALIBRATION`` are copied into
 every results file; this test fails when a lexicon, the matcher or the embedder changes them.

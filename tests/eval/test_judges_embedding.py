@@ -1,4 +1,5 @@
-"""Off-topic judge: threshold fitting (pure) and the real all-MiniLM-L6-v2 on a few sentences (METHODS.md §4.3)."""
+"""Off-topic judge: threshold fitting (pure) and the real all-MiniLM-L6-v2 on a few sentences
+(docs/methods.md §4.3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Keyword refusal matcher (METHODS.md §4.3, §5.6): lexicons, prefix window, apostrophes, think blocks."""
+"""Keyword refusal matcher (docs/methods.md §4.3, §5.6): lexicons, prefix window, apostrophes, think blocks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""lm-eval-shaped results: builder, atomic no-overwrite writer, validating reader (METHODS.md §4.5)."""
+"""lm-eval-shaped results: builder, atomic no-overwrite writer, validating reader (docs/methods.md §4.5)."""
 
 from __future__ import annotations
 

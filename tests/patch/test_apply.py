@@ -1,4 +1,4 @@
-"""Attaching and merging patches: compatibility and effect checks (METHODS.md §3.3, §5.8) and test (h)."""
+"""Attaching and merging patches: compatibility and effect checks (docs/methods.md §3.3, §5.8) and test (h)."""
 
 from __future__ import annotations
 

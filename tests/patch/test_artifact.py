@@ -1,4 +1,4 @@
-"""Patch folders: atomic save, manifest and model card, reload checks of METHODS.md §5.4, refusal of variants."""
+"""Patch folders: atomic save, manifest and model card, reload checks of docs/methods.md §5.4, refusal of variants."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Delta-to-LoRA extraction (METHODS.md §3.3 ``svd``, §2.4 tolerances): exactness at full rank and on low-rank
+"""Delta-to-LoRA extraction (docs/methods.md §3.3 ``svd``, §2.4 tolerances): exactness at full rank and on low-rank
 deltas, monotone error, the U_r S_r V_rᵀ convention, and recovery of a known perturbation from two checkpoints."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Merge-time overlap reduction (METHODS.md §3.3 tests (a)-(d)) and ΔW-space combination (tests (e)-(g)), all
+"""Merge-time overlap reduction (docs/methods.md §3.3 tests (a)-(d)) and ΔW-space combination (tests (e)-(g)), all
 checked on the product ΔW = s·B·A, never on A and B separately."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Synthetic checkpoints with controlled deltas (METHODS.md §2.4): base, aligned = base + a known rank-2
+"""Synthetic checkpoints with controlled deltas (docs/methods.md §2.4): base, aligned = base + a known rank-2
 perturbation, unsafe = aligned − a known rank-2 safety vector, target = aligned + a small fine-tuning delta; and the
 shared method table with its driver (prepare, then restore_tensor)."""
 

@@ -1,4 +1,4 @@
-"""Anchor moments (METHODS.md §3.4 step 3) on a tiny model: the hooks' running sums equal XᵀX of the stacked
+"""Anchor moments (docs/methods.md §3.4 step 3) on a tiny model: the hooks' running sums equal XᵀX of the stacked
 activations, without storing them; LSSF.prepare feeds them to the fusion."""
 
 from __future__ import annotations

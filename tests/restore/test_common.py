@@ -1,4 +1,4 @@
-"""The shared invariant table every registered restoration method runs (STYLE.md §5, METHODS.md §2.3–§2.4)."""
+"""The shared invariant table every registered restoration method runs (docs/methods.md §2.3–§2.4)."""
 
 from __future__ import annotations
 

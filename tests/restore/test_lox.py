@@ -1,4 +1,4 @@
-"""LoX (METHODS.md §3.7 *How to test on a tiny model*, (a)–(e))."""
+"""LoX (docs/methods.md §3.7 *Tested invariants*, (a)–(e))."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LSSF (METHODS.md §3.4 *How to test on a tiny model*, (a)–(j)) on synthetic tensors with known deltas."""
+"""LSSF (docs/methods.md §3.4 *Tested invariants*, (a)–(j)) on synthetic tensors with known deltas."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""RESTA (METHODS.md §3.5 *How to test on a tiny model*, (a)–(e))."""
+"""RESTA (docs/methods.md §3.5 *Tested invariants*, (a)–(e))."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The restoration runner on synthetic tiny checkpoints (METHODS.md §2.4): base; aligned = base + a known rank-2
+"""The restoration runner on synthetic tiny checkpoints (docs/methods.md §2.4): base; aligned = base + a known rank-2
 perturbation in a few modules; unsafe = aligned − that perturbation; target = aligned + a benign perturbation (every
 linear weight, and one norm). Outputs are read back from disk and compared with closed forms."""
 

@@ -1,4 +1,4 @@
-"""Safe LoRA (METHODS.md §3.6 *How to test on a tiny model*, (a)–(g)), on LoRA factors and on dense updates."""
+"""Safe LoRA (docs/methods.md §3.6 *Tested invariants*, (a)–(g)), on LoRA factors and on dense updates."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """``safetypatch train`` under ``accelerate launch``: two CPU processes (gloo, the shipped ``cpu_2proc`` preset) train
-the patch one process trains with the same global batch, and only the main process writes it, verified (METHODS.md
-§5.4). In one process: the presets, the precision rule, the gathered-adapter checks of sharded runs and the loss
-through a distributed wrapper."""
+the patch one process trains with the same global batch, and only the main process writes it, verified
+(docs/methods.md §5.4). In one process: the presets, the precision rule, the gathered-adapter checks of sharded runs
+and the loss through a distributed wrapper."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Recipes, presets, Xue's mode strings (METHODS.md §3.1, §3.2) and the written refusal targets."""
+"""Recipes, presets, Xue's mode strings (docs/methods.md §3.1, §3.2) and the written refusal targets."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Refusal-SFT on the tiny models: METHODS.md §3.1 tests (a), (c)-(f), the supervised-only loss, the regulariser
+"""Refusal-SFT on the tiny models: docs/methods.md §3.1 tests (a), (c)-(f), the supervised-only loss, the regulariser
 term and gradient accumulation."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Xue's overlap regulariser: METHODS.md §3.2 tests (a)-(g) on a W_0 with a known SVD and on a tiny PEFT model."""
+"""Xue's overlap regulariser: docs/methods.md §3.2 tests (a)-(g) on a W_0 with a known SVD and on a tiny PEFT model."""
 
 from __future__ import annotations
 

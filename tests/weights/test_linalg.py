@@ -1,4 +1,5 @@
-"""weights.linalg: the one ΔW, scaling from configs, sign-fixed truncated SVD, projections (METHODS.md §2.2, §2.3)."""
+"""weights.linalg: the one ΔW, scaling from configs, sign-fixed truncated SVD, projections (docs/methods.md §2.2,
+§2.3)."""
 
 from __future__ import annotations
 
@@ -174,7 +175,7 @@ def test_psd_eigh_is_descending_clamped_and_reconstructs():
 
 
 def test_entropy_curve_and_rank_match_the_worked_example():
-    """METHODS.md §3.4 test (c): σ = (2, 1, 1) → p = (2/3, 1/6, 1/6), H_ρ/H_n = (0.31157, 0.65579, 1)."""
+    """docs/methods.md §3.4 test (c): σ = (2, 1, 1) → p = (2/3, 1/6, 1/6), H_ρ/H_n = (0.31157, 0.65579, 1)."""
     S = torch.tensor([2.0, 1.0, 1.0])
     p = torch.tensor([2 / 3, 1 / 6, 1 / 6])
     H = cumulative_entropy(S)

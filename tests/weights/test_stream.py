@@ -1,4 +1,4 @@
-"""The streaming weight engine (METHODS.md §2.3, §5.2): reading single and sharded checkpoints, name selection,
+"""The streaming weight engine (docs/methods.md §2.3, §5.2): reading single and sharded checkpoints, name selection,
 role alignment, the in-place shard writer, and the run plan, on the tiny models of tests/tiny.py."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """weights.subspace: the SVD of a LoRA update from its factors, principal angles, stable rank and Haar frames
-(METHODS.md §3.8 *How to test* (b), (d))."""
+(docs/methods.md §3.8 *Tested invariants* (b), (d))."""
 
 from __future__ import annotations
 
