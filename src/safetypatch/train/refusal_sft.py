@@ -25,18 +25,14 @@ from typing import Any
 import torch
 
 from safetypatch.errors import ConfigError, DataError
-from safetypatch.models.blocks import decoder_layers
 from safetypatch.train.distributed import Launch, export_if_sharded, launch_of, resolve_precision
 from safetypatch.train.examples import TokenizedExample, check_supervision, end_of_turn_ids, refusal_openings
-from safetypatch.train.loss import IGNORE_INDEX, completion_loss, supervised_logits
 from safetypatch.train.recipes import PatchRecipe
 from safetypatch.train.regularizer import OverlapRegularizer
 from safetypatch.train.representation import (
     RefusalDirection,
-    capture,
     fit_direction,
     prompt_states,
-    representation_loss,
     targets,
 )
 
@@ -188,6 +184,8 @@ def make_trainer(
     from datasets import Dataset
     from transformers import PrinterCallback, set_seed
 
+    from safetypatch.train.trainer import RefusalSFTTrainer
+
     set_seed(recipe.seed)
     direction, columns = _refusal_direction(model, train_examples, recipe)
     model = _prepare_model(model, recipe)
@@ -206,7 +204,7 @@ def make_trainer(
         regularizer = OverlapRegularizer(model, recipe.regularizer, seed=recipe.seed)
     recorder = _recorder_class()(progress)
     with _quiet_datasets():
-        trainer = _trainer_class()(
+        trainer = RefusalSFTTrainer(
             model=model, args=_sft_config(recipe, output_dir), train_dataset=dataset, processing_class=tokenizer,
             data_collator=_WeightedCollator(_pad_id(tokenizer)), callbacks=[recorder, *(callbacks or [])],
             regularizer=regularizer, lead=(recipe.lead_tokens, recipe.lead_weight),
@@ -369,102 +367,3 @@ def _recorder_class() -> type:
                                                 float(state.epoch or 0.0)))
 
     return _Recorder
-
-
-@functools.cache
-def _trainer_class() -> type:
-    from trl import SFTTrainer
-
-    class RefusalSFTTrainer(SFTTrainer):
-        """SFTTrainer whose loss applies the LM head at supervised positions only, plus β Σ R and the retain
-        unlikelihood term."""
-
-        def __init__(self, *args: Any, regularizer: OverlapRegularizer | None = None,
-                     lead: tuple[int, float] = (0, 1.0),
-                     unlikelihood: tuple[tuple[int, ...], float] = ((), 0.0),
-                     representation: tuple[RefusalDirection | None, float] = (None, 0.0), **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.direction, self.representation_weight = representation
-            self.regularizer = regularizer
-            self.lead = lead
-            self.openings, self.unlikelihood_weight = unlikelihood
-            self.tokens_seen = 0
-            # Ask Trainer for the supervised-token count of the whole accumulated batch, so the CE is normalised
-            # once per optimiser step whatever the accumulation (the loss below divides by it).
-            self.model_accepts_loss_kwargs = True
-
-        def _set_signature_columns_if_needed(self) -> None:
-            if self._signature_columns is None:
-                self._signature_columns = ["input_ids", "labels", "loss_weight", "unlikely", "distill", "rep_target",
-                                           "rep_harmful"]
-
-        def _get_train_sampler(self, train_dataset=None):
-            # Trainer groups lengths per process and shuffles with the global RNG, for which accelerate substitutes
-            # a generator of its own under several processes. Grouping over the global batch (every process's share
-            # of one optimiser step) with a generator seeded by data_seed gives the same batches, and so the same
-            # loss curve, whatever the number of processes.
-            from transformers.trainer_pt_utils import LengthGroupedSampler
-
-            args = self.args
-            return LengthGroupedSampler(
-                args.train_batch_size * args.gradient_accumulation_steps * args.world_size,
-                dataset=self.train_dataset if train_dataset is None else train_dataset, model_input_name="input_ids",
-                generator=torch.Generator().manual_seed(args.data_seed if args.data_seed is not None else args.seed))
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            weights = inputs.pop("loss_weight", None)
-            unlikely = inputs.pop("unlikely", None)
-            distill = inputs.pop("distill", None)
-            rep_target, rep_harmful = inputs.pop("rep_target", None), inputs.pop("rep_harmful", None)
-            labels = inputs.pop("labels")
-            wrapped = self.is_fsdp_enabled or self.accelerator.unwrap_model(model) is not model
-            distilled = distill is not None and bool(distill.any())
-            if distilled and wrapped:
-                raise ConfigError("retain_loss='kl' runs in one process for now: the unpatched teacher is the same "
-                                  "model with its adapter switched off, which a distributed wrapper does not expose. "
-                                  "Train without accelerate launch, or with retain_loss='ce'.")
-            # The fast path calls the backbone and the LM head itself, around the autocast that accelerate wraps
-            # the model's forward in: without this context bf16/fp16 would train in the weights' dtype (fp32 on a
-            # CPU) while the manifest said bf16.
-            steer = self.direction is not None and rep_target is not None
-            reading = capture(decoder_layers(self.accelerator.unwrap_model(model)), self.direction.layers) if steer \
-                else contextlib.nullcontext([])
-            with self.accelerator.autocast():
-                teacher = self._teacher_logits(model, inputs, labels, distill) if distilled else None
-                with reading as states:
-                    loss, count = completion_loss(model, inputs, labels, weights, num_items_in_batch,
-                                                  lead_tokens=self.lead[0], lead_weight=self.lead[1],
-                                                  unlikely=unlikely, openings=self.openings,
-                                                  unlikelihood_weight=self.unlikelihood_weight, distill=distill,
-                                                  teacher_logits=teacher, wrapped=wrapped)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                # As SFTTrainer.compute_loss: num_items_in_batch counts every process's tokens while DDP averages
-                # the gradients over the processes. The penalty below is the same on every process: not scaled.
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-            mode = "train" if model.training else "eval"
-            self._metrics[mode]["supervised_tokens"].append(float(count))
-            if steer:
-                positions = (labels[:, 1:] != IGNORE_INDEX).int().argmax(dim=1)
-                term = representation_loss(states, positions, rep_target, rep_harmful, self.direction)
-                steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-                loss = loss + self.representation_weight * term / steps
-                self._metrics[mode]["representation_term"].append(float(term.detach()))
-            if self.regularizer is not None:
-                penalty = self.regularizer()
-                steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-                loss = loss + self.regularizer.beta * penalty / steps
-                self._metrics[mode]["overlap_penalty"].append(float(penalty.detach()))
-            if model.training:
-                self.tokens_seen += int(inputs["attention_mask"].sum())
-            return (loss, None) if return_outputs else loss
-
-        @torch.no_grad()
-        def _teacher_logits(self, model, inputs, labels, distill):
-            """The unpatched model's logits (adapter off) at the supervised positions of the distilled rows."""
-            rows = distill.to(torch.bool)
-            sub = {key: value[rows] for key, value in inputs.items()}
-            mask = labels[rows][:, 1:] != IGNORE_INDEX
-            with model.disable_adapter():
-                return supervised_logits(model, sub, mask)
-
-    return RefusalSFTTrainer
