@@ -6,9 +6,10 @@ from safetypatch.api.analyze import AnalyzeConfig, AnalyzeResult, analyze
 from safetypatch.api.apply import AppliedModel, ApplyConfig, apply_patch
 from safetypatch.api.demo import DemoConfig, DemoResult, demo
 from safetypatch.api.evaluate import EvalConfig, EvalResult, evaluate
+from safetypatch.api.extract import ExtractJob, ExtractResult, extract
 from safetypatch.api.finetune import FinetuneConfig, FinetuneResult, finetune
 from safetypatch.api.probe import ProbeConfig, ProbeResult, probe, read_probe
-from safetypatch.api.restore import ExtractJob, ExtractResult, RestoreJob, RestoreResult, extract, restore
+from safetypatch.api.restore import RestoreJob, RestoreResult, restore
 from safetypatch.api.train import TrainConfig, TrainPatchResult, train_patch
 from safetypatch.data.catalog import list_datasets, load_dataset
 from safetypatch.models.loading import load_model
