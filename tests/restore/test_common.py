@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -25,6 +28,18 @@ def test_registry_names_classes_and_configs():
         assert method.scope == ("all_2d" if key == "lox" else "linear")
         for field_name, info in cls.config_class.model_fields.items():
             assert info.description, f"{key}.{field_name} has no description"
+
+
+def test_callers_ask_what_a_method_declares_never_its_class():
+    package = Path(METHODS.get("lssf").__module__.replace(".", "/")).parent
+    src = Path(__file__).resolve().parents[2] / "src"
+    callers = [*sorted((src / "safetypatch" / "api").glob("*.py")), src / package / "runner.py"]
+    classes = "|".join(METHODS.get(key).__name__ for key in METHODS)
+    found = [f"{path.name}: {match.group(0)}" for path in callers
+             for match in re.finditer(rf"isinstance\([^)]*\b({classes})\b", path.read_text())]
+    assert not found, found
+    assert [key for key in METHODS if METHODS.get(key).needs_anchors] == ["lssf"]
+    assert [key for key in METHODS if METHODS.get(key).repairs_adapters] == ["safe_lora"]
 
 
 def test_registry_and_configs_refuse_unknown_names():

@@ -87,7 +87,7 @@ class RestoreJob(StrictConfig):
             raise ConfigError(f"RestoreJob: scope={self.scope!r} and params.param_scope="
                               f"{self.params['param_scope']!r} both set the tensors touched; give one.")
         stray = sorted(set(_ANCHOR_FIELDS) & self.model_fields_set)
-        if stray and not needs_anchors(method):
+        if stray and not method.needs_anchors:
             raise ConfigError(f"RestoreJob: {', '.join(stray)} shape LSSF's anchor set, but method "
                               f"{self.method!r} uses none; drop them.")
         return self
@@ -139,13 +139,6 @@ class RestoreResult:
         return self.summary.get("means", {}).get("rank")
 
 
-def needs_anchors(method: RestoreMethod) -> bool:
-    """Whether ``method`` needs an anchor set and the loaded aligned model (LSSF's activation-aware SVD)."""
-    from safetypatch.restore.lssf import LSSF
-
-    return isinstance(method, LSSF)
-
-
 def restore(job: RestoreJob, progress: Progress | None = None) -> RestoreResult:
     """Repair a fine-tuned model's safety post hoc with one method, streaming the checkpoints
     (docs/methods.md §3.4–§3.7).
@@ -180,7 +173,7 @@ def restore(job: RestoreJob, progress: Progress | None = None) -> RestoreResult:
     context, anchors, record = RestoreContext(), (), {}
     if not job.dry_run:
         ensure_writable(job.output, job.overwrite, folder=True)
-        if needs_anchors(method):
+        if method.needs_anchors:
             loaded = load_model(str(folders["aligned_model"]), dtype=job.dtype)
             anchors, record = build_anchors(loaded, job.anchor_dataset, job.n_anchors, job.anchor_seed,
                                             job.anchor_max_new_tokens, progress)

@@ -88,17 +88,27 @@ class RestoredTensor(NamedTuple):
 
 
 class RestoreMethod(ABC):
-    """Base of every restoration method: a typed config, the roles it reads, and per-tensor math.
+    """Base of every restoration method: a typed config, what it needs and can do, and per-tensor math.
+
+    Callers ask what a method needs and can do (:attr:`roles`, :attr:`needs_anchors`, :attr:`repairs_adapters`),
+    never which class it is.
 
     Class attributes:
         name: the registry name (= the module file name).
         paper: the reference URL.
         config_class: the method's :class:`RestoreConfig` subclass.
+        needs_anchors: whether :meth:`prepare` needs the anchor set and the loaded aligned model in its context
+            (LSSF's activation-aware SVD, docs/methods.md §3.4); the caller builds them.
+        repairs_adapters: whether a ``target_model`` that is a PEFT LoRA adapter folder is repaired as an adapter
+            (its ``lora_A``/``lora_B`` passed under :data:`LORA_A`/:data:`LORA_B`; Safe LoRA, §3.6); a method
+            without it repairs full checkpoints only.
     """
 
     name: ClassVar[str]
     paper: ClassVar[str]
     config_class: ClassVar[type[RestoreConfig]]
+    needs_anchors: ClassVar[bool] = False
+    repairs_adapters: ClassVar[bool] = False
 
     def __init__(self, config: RestoreConfig | None = None) -> None:
         """Bind a config (the method's defaults when None).

@@ -157,6 +157,7 @@ class LSSF(RestoreMethod):
     name = "lssf"
     paper = "https://arxiv.org/abs/2602.00038"
     config_class = LSSFConfig
+    needs_anchors = True
     config: LSSFConfig
 
     @property

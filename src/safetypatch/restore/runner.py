@@ -33,7 +33,6 @@ from safetypatch.patch.artifact import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PatchMan
 from safetypatch.patch.factors import LoraFactors, Patch
 from safetypatch.restore.base import LORA_A, LORA_B, ROLES, RestoreContext, RestoreMethod
 from safetypatch.restore.report import RestoreReport
-from safetypatch.restore.safe_lora import SafeLoRA
 from safetypatch.utils.environment import package_versions
 from safetypatch.utils.hashing import sha256_file
 from safetypatch.utils.io import atomic_path, ensure_writable
@@ -291,7 +290,7 @@ def _adapter_target(method: RestoreMethod, folders: Mapping[str, Path], scope: P
     target = folders.get("target_model")
     if target is None or not (target / ADAPTER_CONFIG).is_file():
         return None
-    if not isinstance(method, SafeLoRA):
+    if not method.repairs_adapters:
         raise ConfigError(f"target_model {target} is a PEFT adapter, but {method.name!r} repairs full checkpoints. "
                           "Merge the adapter first (safetypatch apply --mode merge -o <folder>) and pass that folder, "
                           "or use safe_lora, which projects adapters.")

@@ -112,6 +112,7 @@ class SafeLoRA(RestoreMethod):
     name = "safe_lora"
     paper = "https://arxiv.org/abs/2405.16833"
     config_class = SafeLoRAConfig
+    repairs_adapters = True
     config: SafeLoRAConfig
 
     @property
