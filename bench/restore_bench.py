@@ -1,4 +1,4 @@
-"""Benchmark of a restoration method through the real ``restore`` runner against loading every model whole
+"""Benchmark of a restoration method through the real ``restoration`` runner against loading every model whole
 (docs/methods.md §5.2; issue 7 acceptance).
 
 On the randomly initialised llama-shaped checkpoints of :mod:`bench.stream_bench` (``base``; ``aligned`` = base +
@@ -8,7 +8,7 @@ is its own:
 
 - ``read``: reading every tensor of the three checkpoints from the page cache, the floor (the faster of a run
   before and one after the others);
-- ``streamed``: :func:`safetypatch.restore.runner.run_restore`, the code ``safetypatch restore`` runs: streamed
+- ``streamed``: :func:`safetypatch.restoration.runner.run_restore`, the code ``safetypatch restore`` runs: streamed
   tensor by tensor, written as a checkpoint with its report and provenance;
 - ``write``: writing one checkpoint's worth of bytes into a new file (the write side of the floor; reported next
   to the ratios, not in them);
@@ -53,8 +53,8 @@ METHOD = "resta"
 
 def streamed_phase(root: Path, out: Path) -> dict[str, Any]:
     """RESTA through the real runner (readers per role → per-tensor math → writer), in this process."""
-    from safetypatch.restore import METHODS
-    from safetypatch.restore.runner import run_restore
+    from safetypatch.restoration import METHODS
+    from safetypatch.restoration.runner import run_restore
 
     start = time.perf_counter()
     run = run_restore(METHODS.get(METHOD)(), {role: root / sub for role, sub in RESTA_ROLES.items()}, out,
@@ -68,7 +68,7 @@ def in_memory_phase(root: Path, out: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from safetypatch.restore import METHODS, RestoreContext
+    from safetypatch.restoration import METHODS, RestoreContext
     from safetypatch.weights.stream import CheckpointReader, select_names
 
     start = time.perf_counter()

@@ -20,7 +20,7 @@ pages are written back (``sync``) before every measured phase, so that no phase 
 
 It prints one JSON object: sizes, times, their ratios (acceptance: ≤ 2, page-cached) and the combination's peak
 RSS (acceptance: < 2 GB for a checkpoint of ≥ 3 GB). The restoration methods themselves, through the real
-``restore`` runner, are measured by :mod:`bench.restore_bench` on the same checkpoints. Usage (from the repository
+``restoration`` runner, are measured by :mod:`bench.restore_bench` on the same checkpoints. Usage (from the repository
 root)::
 
     python -m bench.stream_bench --size-gb 3 --out /data/stream-bench --keep --json stream.json

@@ -152,11 +152,13 @@ def test_cli_train_with_recipe_overrides(tmp_path, tiny_model_dirs):
     assert bad.exit_code == 2 and "rank" in bad.output
 
 
-def test_public_restore_stays_the_function_after_its_subpackage_is_imported():
+def test_public_restore_stays_the_function_after_the_restoration_package_is_imported():
     import importlib
+    import pkgutil
 
     import safetypatch
 
-    importlib.import_module("safetypatch.restore.runner")
+    importlib.import_module("safetypatch.restoration.runner")
     assert callable(safetypatch.restore) and safetypatch.restore.__module__ == "safetypatch.api.restore"
-    assert importlib.import_module("safetypatch.restore").__name__ == "safetypatch.restore"
+    # No module of the package is named like a public API name, so importing one never hides the API.
+    assert not {module.name for module in pkgutil.iter_modules(safetypatch.__path__)} & set(dir(safetypatch))

@@ -15,7 +15,7 @@ TIERS = {
     "data": 2, "weights": 2,
     "models": 3,
     "patch": 4,
-    "train": 5, "restore": 5, "analysis": 5, "eval": 5,
+    "train": 5, "restoration": 5, "analysis": 5, "eval": 5,
     "report": 6,
     "api": 7,
     "cli": 8,

@@ -21,7 +21,7 @@ from safetypatch.cli import app
 from safetypatch.errors import ConfigError
 from safetypatch.patch import load_patch
 from safetypatch.patch.probe import peft_attached, probe_input_ids, probe_logits
-from safetypatch.restore.runner import PROVENANCE_FILE
+from safetypatch.restoration.runner import PROVENANCE_FILE
 from safetypatch.weights.stream import CheckpointReader, ParamScope
 from tests.restore.test_runner import SAFETY_MODULES, write_roles
 from tests.train.conftest import single_cpu_thread  # noqa: F401  (autouse)

@@ -5,8 +5,6 @@ Importing the package is cheap: the public API is loaded on first attribute acce
 
 from __future__ import annotations
 
-import sys
-import types
 from importlib import import_module
 from typing import Any
 
@@ -28,15 +26,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted([*_API, "__version__"])
 
-
-class _Package(types.ModuleType):
-    """The package module: importing the subpackage ``safetypatch.restore`` binds it on its parent, which would hide
-    the public function ``safetypatch.restore``; public API names keep resolving to the API instead."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _API and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

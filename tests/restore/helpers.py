@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from safetypatch.config import load_config
-from safetypatch.restore import METHODS, RestoreContext, RestoredTensor, RestoreMethod
-from safetypatch.restore.lssf import moment_side
+from safetypatch.restoration import METHODS, RestoreContext, RestoredTensor, RestoreMethod
+from safetypatch.restoration.lssf import moment_side
 
 
 def orthonormal(d: int, k: int, generator: torch.Generator) -> torch.Tensor:

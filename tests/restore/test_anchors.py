@@ -10,9 +10,9 @@ import torch
 
 from safetypatch.data.schema import Example
 from safetypatch.errors import ConfigError, DataError
-from safetypatch.restore import RestoreContext
-from safetypatch.restore.anchors import collect_input_moments
-from safetypatch.restore.lssf import LSSF, LSSFConfig
+from safetypatch.restoration import RestoreContext
+from safetypatch.restoration.anchors import collect_input_moments
+from safetypatch.restoration.lssf import LSSF, LSSFConfig
 from tests.tiny import build_tiny_model
 
 ANCHORS = [

@@ -10,7 +10,7 @@ import torch
 
 from safetypatch.config import load_config
 from safetypatch.errors import ConfigError, ModelMismatchError
-from safetypatch.restore import METHODS, ROLES, RestoreContext, RestoreMethod
+from safetypatch.restoration import METHODS, ROLES, RestoreContext, RestoreMethod
 from tests.restore.helpers import CHANGING, IDENTITY, build, roles, run
 
 NAME = "model.layers.0.mlp.up_proj.weight"

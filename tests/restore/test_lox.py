@@ -7,8 +7,8 @@ import torch
 
 from safetypatch.config import load_config
 from safetypatch.errors import ConfigError
-from safetypatch.restore import RestoreContext
-from safetypatch.restore.lox import LoX, LoXConfig
+from safetypatch.restoration import RestoreContext
+from safetypatch.restoration.lox import LoX, LoXConfig
 from tests.restore.helpers import rank_k, roles
 
 NAME = "model.embed_tokens.weight"

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from safetypatch.errors import ConfigError, ModelMismatchError
-from safetypatch.restore import RestoreContext
-from safetypatch.restore.lssf import (
+from safetypatch.restoration import RestoreContext
+from safetypatch.restoration.lssf import (
     LSSF,
     LSSFConfig,
     direction_weights,
@@ -15,7 +15,7 @@ from safetypatch.restore.lssf import (
     moment_side,
     safety_subspace,
 )
-from safetypatch.restore.resta import RESTA, RESTAConfig
+from safetypatch.restoration.resta import RESTA, RESTAConfig
 from safetypatch.weights.linalg import entropy_ratios
 from tests.restore.helpers import activations, moment_for, roles
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from safetypatch.errors import OutputExistsError
-from safetypatch.restore import RestoreReport
-from safetypatch.restore.report import locate
+from safetypatch.restoration import RestoreReport
+from safetypatch.restoration.report import locate
 from tests.restore.helpers import CHANGING, IDENTITY, build, roles, run
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from safetypatch.restore import RestoreContext
-from safetypatch.restore.resta import RESTA, RESTAConfig, tensor_seed
+from safetypatch.restoration import RestoreContext
+from safetypatch.restoration.resta import RESTA, RESTAConfig, tensor_seed
 from safetypatch.weights import elementwise
 from tests.restore.helpers import roles
 

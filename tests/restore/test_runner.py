@@ -13,9 +13,9 @@ import torch
 from safetypatch.errors import ConfigError, ModelError, ModelMismatchError, OutputExistsError
 from safetypatch.models.fingerprint import fingerprint_folder
 from safetypatch.patch import PatchManifest, load_patch, save_patch
-from safetypatch.restore.resta import RESTA, RESTAConfig
-from safetypatch.restore.runner import PROVENANCE_FILE, REPORT_FILE, run_restore
-from safetypatch.restore.safe_lora import align
+from safetypatch.restoration.resta import RESTA, RESTAConfig
+from safetypatch.restoration.runner import PROVENANCE_FILE, REPORT_FILE, run_restore
+from safetypatch.restoration.safe_lora import align
 from safetypatch.weights import elementwise
 from safetypatch.weights.stream import CheckpointReader, select_names
 from tests.patch.helpers import random_patch

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from safetypatch.errors import ConfigError, ModelMismatchError
-from safetypatch.restore import LORA_A, LORA_B, RestoreContext
-from safetypatch.restore.safe_lora import SafeLoRA, SafeLoRAConfig, align, projection_cosine
+from safetypatch.restoration import LORA_A, LORA_B, RestoreContext
+from safetypatch.restoration.safe_lora import SafeLoRA, SafeLoRAConfig, align, projection_cosine
 from safetypatch.weights.linalg import lora_delta
 from tests.restore.helpers import orthonormal, roles
 
@@ -128,7 +128,7 @@ def test_full_fine_tune_variant_projects_the_dense_delta():
 def test_zero_alignment_matrix_is_skipped_with_a_warning(caplog):
     tensors, _ = lora_module(4)
     tensors = {**tensors, "aligned_model": tensors["base_model"]}
-    with caplog.at_level(logging.WARNING, logger="safetypatch.restore.safe_lora"):
+    with caplog.at_level(logging.WARNING, logger="safetypatch.restoration.safe_lora"):
         result = run(SafeLoRAConfig(select_layers_type="threshold", threshold=2.0), {"z.weight": tensors})
     assert result["z.weight"].tensor is None and "W_aligned = W_base for z.weight" in caplog.text
 

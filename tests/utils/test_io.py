@@ -162,7 +162,7 @@ def test_the_manifest_list_names_every_manifest_a_verb_writes():
     from safetypatch.analysis import ANALYSIS_FILE
     from safetypatch.api.apply import APPLIED_RECORD
     from safetypatch.patch.artifact import MANIFEST
-    from safetypatch.restore.runner import PROVENANCE_FILE, REPORT_FILE
+    from safetypatch.restoration.runner import PROVENANCE_FILE, REPORT_FILE
     from safetypatch.train.finetune import FINETUNE_FILE
 
     assert {ANALYSIS_FILE, APPLIED_RECORD, MANIFEST, PROVENANCE_FILE, REPORT_FILE, FINETUNE_FILE,

@@ -2,7 +2,7 @@
 docs/methods.md §3.4–§3.7).
 
 ``restore`` resolves each model role to a local folder, builds LSSF's anchor set when the method needs one, and
-hands everything to :func:`safetypatch.restore.runner.run_restore`, which streams the checkpoints tensor by tensor.
+hands everything to :func:`safetypatch.restoration.runner.run_restore`, which streams the checkpoints tensor by tensor.
 
 Anchor set (§3.4 step 2). The specified PKU-SafeRLHF both-unsafe queries are not in the offline catalog, so the
 default anchors are the train half of ``harmbench`` (its canonical split; the evaluation half stays unseen),
@@ -32,8 +32,8 @@ from safetypatch.models.resolve import resolve_model
 
 if TYPE_CHECKING:
     from safetypatch.data.schema import Example
-    from safetypatch.restore import RestoreMethod
-    from safetypatch.restore.runner import RestoreRun
+    from safetypatch.restoration import RestoreMethod
+    from safetypatch.restoration.runner import RestoreRun
 
 Scope = Literal["linear", "all_2d"]
 """``weights.stream.ParamScope``, restated so that importing the API loads no torch (a test keeps them equal)."""
@@ -72,14 +72,14 @@ class RestoreJob(StrictConfig):
     @field_validator("method")
     @classmethod
     def _registered(cls, value: str) -> str:
-        from safetypatch.restore import METHODS
+        from safetypatch.restoration import METHODS
 
         METHODS.get(value)  # unknown names fail with close-name suggestions
         return value
 
     @model_validator(mode="after")
     def _consistent(self) -> RestoreJob:
-        from safetypatch.restore.runner import check_roles
+        from safetypatch.restoration.runner import check_roles
 
         method = self.build_method()
         check_roles(method, self.roles())
@@ -98,7 +98,7 @@ class RestoreJob(StrictConfig):
         Raises:
             ConfigError: an unknown method, or a parameter that is unknown or invalid (named).
         """
-        from safetypatch.restore import METHODS
+        from safetypatch.restoration import METHODS
 
         cls = METHODS.get(self.method)
         return cls(load_config(cls.config_class, overrides=self.params))
@@ -163,8 +163,8 @@ def restore(job: RestoreJob, progress: Progress | None = None) -> RestoreResult:
         DataError: the anchor set cannot be loaded, or an anchor got an empty refusal.
         PatchError: the adapter target is unreadable or the repaired adapter fails its reload check.
     """
-    from safetypatch.restore import RestoreContext
-    from safetypatch.restore.runner import run_restore
+    from safetypatch.restoration import RestoreContext
+    from safetypatch.restoration.runner import run_restore
     from safetypatch.utils.io import ensure_writable
 
     start = time.perf_counter()

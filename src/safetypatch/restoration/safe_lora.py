@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 
 from safetypatch.errors import ConfigError, ModelMismatchError
-from safetypatch.restore.base import (
+from safetypatch.restoration.base import (
     LORA_A,
     LORA_B,
     RestoreConfig,

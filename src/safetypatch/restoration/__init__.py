@@ -6,7 +6,7 @@ streaming engine (``weights.stream``) drives ``restore_tensor`` one tensor at a 
 
 from __future__ import annotations
 
-from safetypatch.restore.base import (
+from safetypatch.restoration.base import (
     LORA_A,
     LORA_B,
     METHODS,
@@ -16,7 +16,7 @@ from safetypatch.restore.base import (
     RestoredTensor,
     RestoreMethod,
 )
-from safetypatch.restore.report import RestoreReport
+from safetypatch.restoration.report import RestoreReport
 
 __all__ = [
     "LORA_A",

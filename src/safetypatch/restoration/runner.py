@@ -1,6 +1,6 @@
 """Run one restoration method over checkpoints on disk (docs/methods.md §2.1, §2.3, §3.4–§3.7, §5.2).
 
-Role: the driver between the per-tensor methods (``restore.<method>``) and the streaming engine
+Role: the driver between the per-tensor methods (``restoration.<method>``) and the streaming engine
 (``weights.stream``). :func:`run_restore` opens one :class:`~safetypatch.weights.stream.CheckpointReader` per model
 role, selects the tensors in scope, lets the method prepare (LSSF anchor moments; Safe LoRA number mode ranks every
 module over a fresh pass of the same stream), then streams the roles tensor by tensor to the compute device and
@@ -31,8 +31,8 @@ from safetypatch.errors import ConfigError, ModelError
 from safetypatch.models.fingerprint import fingerprint_folder
 from safetypatch.patch.artifact import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PatchManifest, load_patch, save_patch
 from safetypatch.patch.factors import LoraFactors, Patch
-from safetypatch.restore.base import LORA_A, LORA_B, ROLES, RestoreContext, RestoreMethod
-from safetypatch.restore.report import RestoreReport
+from safetypatch.restoration.base import LORA_A, LORA_B, ROLES, RestoreContext, RestoreMethod
+from safetypatch.restoration.report import RestoreReport
 from safetypatch.utils.environment import package_versions
 from safetypatch.utils.hashing import sha256_file
 from safetypatch.utils.io import atomic_path, ensure_writable
@@ -130,7 +130,7 @@ def run_restore(
     (bitwise). The plan's memory estimate assumes an SVD per tensor (an upper bound for element-wise methods).
 
     Args:
-        method: a configured :class:`~safetypatch.restore.base.RestoreMethod`.
+        method: a configured :class:`~safetypatch.restoration.base.RestoreMethod`.
         roles: role (``base_model``, ``aligned_model``, ``unsafe_model``, ``target_model``) → local folder;
             exactly the roles ``method.roles`` names. ``target_model`` may be a PEFT LoRA adapter folder for
             Safe LoRA.
@@ -212,7 +212,7 @@ class _Steps:
     row to the report.
 
     ``stored`` streams the tensors as stored (CPU, memory-mapped). An element-wise method's
-    :meth:`~safetypatch.restore.base.RestoreMethod.restore_chunked` takes them as they are and returns an
+    :meth:`~safetypatch.restoration.base.RestoreMethod.restore_chunked` takes them as they are and returns an
     :class:`~safetypatch.weights.elementwise.Elementwise` that ``keep`` (the writer) computes chunk by chunk; any
     other method gets fp32 copies on ``device`` for ``restore_tensor``, as before."""
 

@@ -18,8 +18,8 @@ import torch
 from pydantic import Field, model_validator
 
 from safetypatch.errors import ConfigError, ModelMismatchError
-from safetypatch.restore.anchors import ActNorm, TokenSet, collect_input_moments, linear_modules
-from safetypatch.restore.base import RestoreConfig, RestoreContext, RestoredTensor, RestoreMethod, frobenius, ratio
+from safetypatch.restoration.anchors import ActNorm, TokenSet, collect_input_moments, linear_modules
+from safetypatch.restoration.base import RestoreConfig, RestoreContext, RestoredTensor, RestoreMethod, frobenius, ratio
 from safetypatch.weights.linalg import (
     cumulative_entropy,
     entropy_rank,

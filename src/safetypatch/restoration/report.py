@@ -9,7 +9,7 @@ from numbers import Real
 from pathlib import Path
 from typing import Any
 
-from safetypatch.restore.base import RestoredTensor, RestoreMethod
+from safetypatch.restoration.base import RestoredTensor, RestoreMethod
 from safetypatch.utils.io import atomic_write_json
 from safetypatch.weights.stream import locate
 

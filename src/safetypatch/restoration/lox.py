@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from safetypatch.restore.base import RestoreConfig, RestoreContext, RestoredTensor, RestoreMethod, ratio
+from safetypatch.restoration.base import RestoreConfig, RestoreContext, RestoredTensor, RestoreMethod, ratio
 from safetypatch.weights.linalg import top_singular
 from safetypatch.weights.stream import ParamScope
 

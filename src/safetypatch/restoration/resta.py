@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from pydantic import Field
 
-from safetypatch.restore.base import RestoreConfig, RestoreContext, RestoredTensor, RestoreMethod
+from safetypatch.restoration.base import RestoreConfig, RestoreContext, RestoredTensor, RestoreMethod
 from safetypatch.weights.elementwise import (
     Elementwise,
     any_difference,

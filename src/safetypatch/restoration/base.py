@@ -220,7 +220,7 @@ def ratio(part: torch.Tensor, whole: torch.Tensor) -> float:
 
 
 METHODS: Registry[type[RestoreMethod]] = Registry("restoration method")
-METHODS.register("lssf", "safetypatch.restore.lssf:LSSF")
-METHODS.register("resta", "safetypatch.restore.resta:RESTA")
-METHODS.register("safe_lora", "safetypatch.restore.safe_lora:SafeLoRA")
-METHODS.register("lox", "safetypatch.restore.lox:LoX")
+METHODS.register("lssf", "safetypatch.restoration.lssf:LSSF")
+METHODS.register("resta", "safetypatch.restoration.resta:RESTA")
+METHODS.register("safe_lora", "safetypatch.restoration.safe_lora:SafeLoRA")
+METHODS.register("lox", "safetypatch.restoration.lox:LoX")
