@@ -9,7 +9,16 @@ from pydantic import BaseModel, StrictInt
 from safetensors.torch import save_file
 
 from safetypatch.errors import OutputExistsError, PatchError
-from safetypatch.utils.io import MANIFESTS, MARKER, atomic_path, ensure_writable, read_json, recover_interrupted
+from safetypatch.utils.io import (
+    MANIFESTS,
+    MARKER,
+    atomic_path,
+    atomic_write_text,
+    ensure_writable,
+    read_json,
+    recover_interrupted,
+    tracking_outputs,
+)
 
 
 def _mode(path):
@@ -167,3 +176,18 @@ def test_the_manifest_list_names_every_manifest_a_verb_writes():
 
     assert {ANALYSIS_FILE, APPLIED_RECORD, MANIFEST, PROVENANCE_FILE, REPORT_FILE, FINETUNE_FILE,
             "demo.json"} == set(MANIFESTS)
+
+
+def test_tracking_outputs_records_what_was_started_and_what_was_moved_into_place(tmp_path):
+    with tracking_outputs() as log:
+        atomic_write_text(tmp_path / "done.txt", "x")
+        ensure_writable(tmp_path / "checked", False, folder=True)
+        with pytest.raises(KeyboardInterrupt), atomic_path(tmp_path / "stopped") as tmp:
+            tmp.mkdir()
+            raise KeyboardInterrupt
+    assert log.started == [tmp_path / "done.txt", tmp_path / "checked", tmp_path / "stopped"]
+    assert log.written == [tmp_path / "done.txt"]
+    assert log.unfinished() == [tmp_path / "checked", tmp_path / "stopped"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done.txt"]  # the interrupted one left no temporary
+    atomic_write_text(tmp_path / "untracked.txt", "x")
+    assert tmp_path / "untracked.txt" not in log.started  # only while the block runs

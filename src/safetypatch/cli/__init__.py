@@ -7,6 +7,8 @@ analyze).
 
 from __future__ import annotations
 
+import signal
+
 from safetypatch.cli import catalog, evaluation, patches, weights
 from safetypatch.cli._app import UNEXPECTED_EXIT, app, report_unexpected
 
@@ -15,9 +17,12 @@ __all__ = ["app", "catalog", "evaluation", "main", "patches", "weights"]
 
 def main() -> None:
     """The ``safetypatch`` command. Every verb reports its own errors (``friendly``); an unexpected failure outside
-    one (while starting up or parsing options) is reported the same way: one line and a log file, exit code 1."""
+    one (while starting up or parsing options) is reported the same way: one line and a log file, exit code 1. Once
+    the verb is over, Ctrl-C is ignored: it would only interrupt the interpreter's shutdown, with a traceback."""
     try:
         app()
     except Exception as exc:
         report_unexpected("safetypatch", exc)
         raise SystemExit(UNEXPECTED_EXIT) from exc
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -7,13 +7,15 @@ import functools
 import logging
 import math
 import os
+import signal
+import threading
 import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -31,6 +33,7 @@ from rich.table import Table
 from typer.exceptions import TyperException
 
 from safetypatch.errors import SafetypatchError
+from safetypatch.utils.io import OutputLog, tracking_outputs
 
 app = typer.Typer(
     name="safetypatch",
@@ -44,27 +47,78 @@ out = Console()
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file of options; flags given here win.")]
 UNEXPECTED_EXIT = 1
 """Exit code of an unexpected failure (a bug); the project's own errors (bad input) exit with 2."""
+INTERRUPTED_EXIT = 130
+"""Exit code of a verb stopped by Ctrl-C (SIGINT), the shell's 128 + 2."""
 _state = {"verbose": False}
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a SafetypatchError into a one-paragraph message and exit code 2, without a traceback; turn any other
-    exception into one line naming it and a log file holding its traceback (shown too with ``-v``), exit code 1."""
+    exception into one line naming it and a log file holding its traceback (shown too with ``-v``), exit code 1;
+    turn Ctrl-C into one line saying what was and was not written (:func:`interrupted_message`), exit code 130."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except SafetypatchError as exc:
-            console.print(f"[bold red]error:[/] {escape(str(exc))}")
-            raise typer.Exit(2) from exc
-        except (typer.Exit, typer.Abort, TyperException):  # usage errors: typer prints them itself
-            raise
-        except Exception as exc:
-            report_unexpected(fn.__name__, exc)
-            raise typer.Exit(UNEXPECTED_EXIT) from exc
+        outputs = OutputLog()
+        with _noting_sigint() as interrupted:
+            try:
+                with tracking_outputs(outputs):
+                    return fn(*args, **kwargs)
+            except (typer.Exit, typer.Abort, TyperException):  # usage errors: typer prints them itself
+                raise
+            except Exception as exc:
+                if interrupted:  # a library turned the KeyboardInterrupt into another error
+                    _report_interrupted(outputs, exc)
+                if isinstance(exc, SafetypatchError):
+                    console.print(f"[bold red]error:[/] {escape(str(exc))}")
+                    raise typer.Exit(2) from exc
+                report_unexpected(fn.__name__, exc)
+                raise typer.Exit(UNEXPECTED_EXIT) from exc
+            except KeyboardInterrupt as exc:
+                _report_interrupted(outputs, exc)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _noting_sigint() -> Iterator[list[int]]:
+    """Note every SIGINT (Ctrl-C) while the block runs, which still raises KeyboardInterrupt: torch swallows one that
+    arrives while safetensors builds a tensor and raises a ValueError in its place ("could not determine the shape
+    of object type 'torch.storage.UntypedStorage'"), which the verb would then report as a truncated file. Nothing is
+    noted where another handler is installed or off the main thread."""
+    noted: list[int] = []
+
+    def note(signum: int, frame: Any) -> None:
+        noted.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield noted
+        return
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _report_interrupted(outputs: OutputLog, exc: BaseException) -> NoReturn:
+    console.print(f"[bold red]interrupted:[/] {escape(interrupted_message(outputs))}", soft_wrap=True)
+    raise typer.Exit(INTERRUPTED_EXIT) from exc
+
+
+def interrupted_message(outputs: OutputLog) -> str:
+    """What an interrupted verb tells the user: the outputs it had started and left unwritten (nothing of them is at
+    their path; an older output there is unchanged), those it had finished, and what to do."""
+    unfinished, written = outputs.unfinished(), outputs.written
+    kept = [path for path in unfinished if os.path.lexists(path)]
+    parts = [f"nothing was written at {', '.join(map(str, unfinished))}"] if unfinished else []
+    if kept:
+        parts.append(f"the output already at {', '.join(map(str, kept))} is unchanged")
+    if written:
+        parts.append(f"{', '.join(map(str, written))} had been written completely before")
+    return "; ".join(parts or ["nothing was written"]) + ". Run the command again to redo it."
 
 
 def report_unexpected(verb: str, exc: BaseException) -> Path | None:

@@ -7,7 +7,8 @@ existing output is replaced only when ``overwrite`` is given and only when it is
 folder, or, for a file output, a plain file. The old output is renamed aside into the temporary folder, the new one
 renamed in, and only then is the old one removed, so a crash between the two steps loses neither. A temporary folder
 left by a killed run is removed by the next run that writes the same output, and named in the log; an old output it
-still holds is put back first.
+still holds is put back first. While a command runs under :func:`tracking_outputs`, the outputs it set out to write
+and those it moved into place are recorded, so that an interrupted command can say what it left unwritten.
 """
 
 from __future__ import annotations
@@ -39,6 +40,47 @@ version wrote, before :data:`MARKER`, is recognised by one of them."""
 _ASIDE = ".replaced"  # suffix of the old output while the new one is renamed in
 
 
+class OutputLog:
+    """The outputs one command set out to write (checked by :func:`ensure_writable`, opened by :func:`atomic_path`)
+    and those it moved into place, in order (filled under :func:`tracking_outputs`).
+
+    Attributes:
+        started: every output path the command checked or opened (absolute).
+        written: the ones moved into place, complete.
+    """
+
+    def __init__(self) -> None:
+        self.started: list[Path] = []
+        self.written: list[Path] = []
+
+    def unfinished(self) -> list[Path]:
+        """The outputs started and not moved into place: nothing of them is at their path (an older output that
+        was to be replaced is still there, unchanged)."""
+        return [path for path in self.started if path not in self.written]
+
+
+_TRACKED: list[OutputLog] = []
+
+
+@contextlib.contextmanager
+def tracking_outputs(log: OutputLog | None = None) -> Iterator[OutputLog]:
+    """Record in ``log`` (a new :class:`OutputLog` if None) the outputs written while the block runs (every verb of
+    the CLI runs in one)."""
+    log = OutputLog() if log is None else log
+    _TRACKED.append(log)
+    try:
+        yield log
+    finally:
+        _TRACKED.remove(log)
+
+
+def _track(path: Path, *, written: bool) -> None:
+    for log in _TRACKED:
+        paths = log.written if written else log.started
+        if path not in paths:
+            paths.append(path)
+
+
 def ensure_writable(path: Path, overwrite: bool, *, folder: bool | None = None) -> None:
     """Raise unless an output can be written at ``path``: it is new, or ``overwrite`` is given and it is this tool's
     to replace (see the module docstring). Temporary folders of ``path`` left by a killed run are cleaned first.
@@ -55,6 +97,7 @@ def ensure_writable(path: Path, overwrite: bool, *, folder: bool | None = None) 
     """
     path = _absolute(path)
     _check_location(path)
+    _track(path, written=False)
     recover_interrupted(path)
     if os.path.lexists(path):
         if not overwrite:
@@ -184,6 +227,8 @@ def atomic_path(path: Path, overwrite: bool = False, *, cache: bool = False) -> 
                                          encoding="utf-8")
         _umask_safetensors(target)
         _move_into_place(target, path, overwrite=overwrite, folder=None if cache else is_folder)
+        if not cache:
+            _track(path, written=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
