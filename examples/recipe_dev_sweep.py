@@ -1,10 +1,12 @@
 """Measure a patch recipe on development rows carved out of the training halves, never on the evaluation halves.
 
-Each harmful and over-refusal set's train half gives up a seeded sample of rows (``DEV``) that the patch does not
-train on; the patch is trained on the rest with the recipe given, snapshotted every ``--snap-every`` optimiser
-steps, and every snapshot is judged on the development rows (greedy, ``--dev-tokens`` new tokens, keyword and
-embedding judges). Recipe choices are made here, so that the evaluation halves stay untouched until the final
-measurement under the ``standard`` preset. One JSON line per run is appended to ``<output-dir>/log.jsonl`` and the
+The development rows are the catalog's (``DatasetSpec.dev_rows``, ``data.splits.development_split``: HarmBench,
+AdvBench, benign-edgy and the everyday look-alikes give up a seeded sample of their train half, which ``safetypatch
+train`` never reads either, docs/generalization.md); the patch is trained on the rest with the recipe given,
+snapshotted every ``--snap-every`` optimiser steps, and every snapshot is judged on the development rows (greedy,
+``--dev-tokens`` new tokens, keyword and embedding judges). Out-of-family sets are neither trained nor judged here.
+Recipe choices are made here, so that the evaluation halves stay untouched until the final measurement under the
+``standard`` and ``generalization`` presets. One JSON line per run is appended to ``<output-dir>/log.jsonl`` and the
 answers go to ``<output-dir>/samples/``; the retain answers are cached in ``<output-dir>/retain_cache.json``.
 
     python examples/recipe_dev_sweep.py --name lead --set num_train_epochs=3,lead_tokens=4,lead_weight=3 \\
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -24,16 +25,18 @@ import torch
 from transformers import TrainerCallback
 
 import safetypatch
-from safetypatch.api.train import own_refusals
-from safetypatch.data import canonical_split
+from safetypatch.api.train import TrainConfig, own_refusals
+from safetypatch.data import development_split, training_split
+from safetypatch.data.catalog import dev_row_count
+from safetypatch.data.sets import DATASETS
 from safetypatch.eval.generate import GenerationProtocol, generate_chat
 from safetypatch.eval.judges import build_judge
 from safetypatch.train import build_refusal_examples, build_retain_examples, tokenize_examples, train_refusal_patch
 from safetypatch.train.recipes import get_recipe
 
-DEV = {"harmbench": 50, "advbench": 50, "xstest-safe": 40, "benign-edgy": 25}
-HARMFUL = ["harmbench", "advbench", "strongreject", "xstest-unsafe", "contrast-harmful"]
-RETAIN = ["xstest-safe", "everyday-requests", "public-knowledge", "contrast-benign", "benign-edgy", "chat"]
+DEV = {name: dev_row_count(name) for name in DATASETS.names() if dev_row_count(name)}
+HARMFUL = [name for name in TrainConfig().harmful if name != "donotanswer"]
+RETAIN = TrainConfig().retain
 
 
 def main() -> None:
@@ -46,11 +49,10 @@ def main() -> None:
     model, tok = loaded.model, loaded.tokenizer
     train_rows, dev = {}, {}
     for name in {*harmful_names, *retain_names, *DEV}:
-        rows = list(canonical_split(safetypatch.load_dataset(name)).train.rows)
-        picked = set(random.Random(1).sample(range(len(rows)), DEV.get(name, 0)))
-        train_rows[name] = [r for i, r in enumerate(rows) if i not in picked]
+        dataset = safetypatch.load_dataset(name)
+        train_rows[name] = list(training_split(dataset, DEV.get(name, 0)).train.rows)
         if name in DEV:
-            dev[name] = [r.prompt for i, r in enumerate(rows) if i in picked]
+            dev[name] = [r.prompt for r in development_split(dataset, DEV[name]).eval.rows]
     per_set = {n: int(k) for n, k in (item.split("=") for item in filter(None, args.n_per.split(",")))}
     harmful = [r for n in harmful_names for r in train_rows[n][: per_set.get(n, args.n_harmful)]]
     benign = [r.prompt for n in retain_names for r in train_rows[n]][: recipe.retain_count]
@@ -83,7 +85,7 @@ def main() -> None:
         print(step, {k: v["keyword"] for k, v in rates[f"step{step}"].items()}, flush=True)
     record = {"name": args.name, "recipe": args.recipe, "set": _overrides(args.set), "n_harmful": len(harmful),
               "n_retain": len(benign), "train_seconds": round(seconds), "steps": result.steps, "results": rates,
-              "harmful_sets": harmful_names, "retain_sets": retain_names, "dev_rows": DEV, "dev_seed": 1,
+              "harmful_sets": harmful_names, "retain_sets": retain_names, "dev_rows": DEV,
               "fingerprint": loaded.fingerprint.sha256}
     with open(out / "log.jsonl", "a") as log:
         log.write(json.dumps(record) + "\n")
