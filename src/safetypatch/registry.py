@@ -9,11 +9,17 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections.abc import Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from safetypatch.errors import ConfigError
 
 T = TypeVar("T")
+
+
+def resolve(reference: str) -> Any:
+    """The object a lazy ``"module:attribute"`` reference names, importing the module."""
+    module, _, attr = reference.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 class Registry(Generic[T]):
@@ -43,8 +49,7 @@ class Registry(Generic[T]):
             raise ConfigError(f"unknown {self.kind} {name!r}.{hint} Available: {', '.join(sorted(self._entries))}.")
         entry = self._entries[name]
         if isinstance(entry, str):
-            module, _, attr = entry.partition(":")
-            entry = getattr(importlib.import_module(module), attr)
+            entry = resolve(entry)
             self._entries[name] = entry
         return entry  # type: ignore[return-value]
 

@@ -64,6 +64,32 @@ def test_task_rows_are_seeded_held_out_and_hashed():
         assert row.meta["behavior"] in row.prompt and "[INSERT PROMPT HERE]" not in row.prompt
 
 
+_RUNNER_CALLS: list[tuple[str, int]] = []
+
+
+def _count_rows(subject, spec, rows, plan, builder, report):
+    _RUNNER_CALLS.append((spec.name, len(rows.rows)))
+    builder.add_task(spec.name, version=spec.version, n_samples=len(rows.rows), n_original=rows.n_original)
+
+
+def test_a_task_kind_registers_its_runner_and_the_task_files_name_only_registered_kinds(monkeypatch):
+    from pydantic import ValidationError
+
+    from safetypatch.eval.task import TASK_KINDS, TaskKind, TaskSpec
+
+    assert {TASKS.get(name).kind for name in TASKS} <= set(TASK_KINDS)
+    assert all(callable(TASK_KINDS.get(kind).run) for kind in TASK_KINDS)
+    assert sorted(k for k in TASK_KINDS if TASK_KINDS.get(k).judged) == ["jailbreak", "over_refusal", "refusal"]
+    monkeypatch.setitem(TASK_KINDS._entries, "count", TaskKind(f"{__name__}:_count_rows"))
+    spec = TaskSpec(name="counted", dataset="harmbench", kind="count", split="eval", version=1, description="rows")
+    monkeypatch.setitem(TASKS._entries, "counted", spec)
+    _RUNNER_CALLS.clear()
+    builder = run_tasks(ModelUnderTest(None, None), EvalPlan(("counted",), {"counted": 3}), ResultsBuilder("m"))
+    assert _RUNNER_CALLS == [("counted", 3)] and "seconds" in builder.configs["counted"]
+    with pytest.raises(ValidationError, match="unknown task kind 'refusals'\\. Did you mean 'refusal'"):
+        TaskSpec(name="x", dataset="harmbench", kind="refusals", split="eval", version=1, description="x")
+
+
 def test_run_tasks_writes_consistent_results(tmp_path):
     model, tok = build_tiny_model("llama")
     builder = ResultsBuilder("tiny-llama", fingerprint="f" * 64, generation_kwargs=PROTOCOL.to_dict())

@@ -156,7 +156,7 @@ def _runnable(tasks: list[str], has_reference: bool) -> list[str]:
     ``reference_model``); tasks named explicitly are never dropped."""
     from safetypatch.eval.task import TASKS
 
-    return [t for t in tasks if has_reference or TASKS.get(t).kind != "drift"]
+    return [t for t in tasks if has_reference or not TASKS.get(t).task_kind.needs_reference]
 
 
 def _with_adapter(loaded: LoadedModel, cfg: EvalConfig) -> tuple[Any, AppliedPatches | None]:

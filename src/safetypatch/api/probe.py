@@ -37,10 +37,6 @@ DEFAULT_HARMFUL = ["harmbench", "advbench", "strongreject", "donotanswer"]
 DEFAULT_BENIGN = ["xstest-safe", "everyday-requests", "benign-edgy", "public-knowledge", "contrast-benign"]
 DEFAULT_TASKS = ["harmbench", "advbench", "strongreject", "donotanswer", "xstest-unsafe", "contrast-harmful",
                  "xstest-safe", "everyday-requests", "benign-edgy", "public-knowledge", "contrast-benign"]
-ROLES = {"refusal": "harmful", "jailbreak": "harmful", "over_refusal": "benign"}
-"""Task kind → what its prompts are: a probe flag is a hit on a harmful task and a false alarm on a benign one."""
-
-
 class ProbeConfig(StrictConfig):
     """Options of ``safetypatch probe``: the training sets, the layer search, the held-out tasks, the eval results
     to compare with, and where the output goes."""
@@ -276,20 +272,20 @@ def _held_out(cfg: ProbeConfig, results: Results | None, seed: int) -> list[_Hel
 
     names = cfg.tasks
     if names is None and results is not None:
-        names = [t for t in results.data["results"] if t in TASKS and TASKS.get(t).kind in ROLES]
+        names = [t for t in results.data["results"] if t in TASKS and TASKS.get(t).task_kind.judged]
         if not names:
             raise ConfigError(f"{results.path} holds no refusal, jailbreak or over-refusal task; name tasks.")
     held = []
     for name in names or DEFAULT_TASKS:
         spec = TASKS.get(name)
-        if spec.kind not in ROLES:
+        if not spec.task_kind.judged:
             raise ConfigError(f"task {name!r} is a {spec.kind} task; the probe flags the prompts of refusal, "
                               "jailbreak and over_refusal tasks.")
         limit = cfg.limits.get(name, cfg.limit)
         counts = results.data["n-samples"].get(name) if results is not None else None
         if limit is None and counts is not None and counts["effective"] < counts.get("original", counts["effective"]):
             limit = counts["effective"]
-        held.append(_HeldOut(name, ROLES[spec.kind], task_rows(spec, limit, seed), limit))
+        held.append(_HeldOut(name, spec.task_kind.prompts, task_rows(spec, limit, seed), limit))
     return held
 
 

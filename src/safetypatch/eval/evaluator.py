@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from safetypatch.errors import ConfigError
@@ -91,12 +92,12 @@ def run_tasks(subject: ModelUnderTest, plan: EvalPlan, builder: ResultsBuilder,
         ConfigError: an unknown task, a safety task without judges, or drift without a reference model.
     """
     specs = [TASKS.get(name) for name in plan.tasks]
-    if any(spec.kind in _JUDGED for spec in specs) and not plan.judges:
+    if any(spec.task_kind.judged for spec in specs) and not plan.judges:
         raise ConfigError("safety tasks need at least one judge; pass judges=['keyword'].")
     for judge in plan.judges:
         builder.add_judge(judge, judge.metadata.get("calibration"))
     if subject.vllm is not None:
-        first = next((s for s in specs if s.kind in _JUDGED), None)
+        first = next((s for s in specs if s.task_kind.judged), None)
         prompts = [row.prompt for row in task_rows(first, PARITY_PROMPTS, plan.seed).rows] if first else []
         parity = check_vllm_parity(subject, prompts, plan.protocol) if prompts else None
         lora = subject.vllm_adapter.engine_kwargs() if subject.vllm_adapter is not None else None
@@ -107,7 +108,7 @@ def run_tasks(subject: ModelUnderTest, plan: EvalPlan, builder: ResultsBuilder,
         logger.info("task %s: %d of %d rows", spec.name, len(rows.rows), rows.n_original)
         builder.add_data(spec.name, rows.data_sha256, rows.source)
         start = time.perf_counter()
-        _RUNNERS[spec.kind](subject, spec, rows, plan, builder, report)
+        spec.task_kind.run(subject, spec, rows, plan, builder, report)
         builder.configs[spec.name]["seconds"] = round(time.perf_counter() - start, 1)
     return builder
 
@@ -131,8 +132,9 @@ def _generate(subject: ModelUnderTest, spec: TaskSpec, prompts: Sequence[str], p
     return protocol, generate_chat(subject.model, subject.tokenizer, list(prompts), protocol, progress=report)
 
 
-def _run_judged(subject: ModelUnderTest, spec: TaskSpec, rows: TaskRows, plan: EvalPlan,
+def run_judged(subject: ModelUnderTest, spec: TaskSpec, rows: TaskRows, plan: EvalPlan,
                 builder: ResultsBuilder, report: Callable[[int, int], None] | None) -> None:
+    """A safety task (refusal, over-refusal, jailbreak): generate, judge with every judge, record the rates."""
     prompts = [row.prompt for row in rows.rows]
     protocol, generations = _generate(subject, spec, prompts, plan, report)
     responses = [g.response for g in generations]
@@ -157,13 +159,14 @@ def _add_empty_rate(builder: ResultsBuilder, task: str, responses: Sequence[str]
 
 
 def _safety_metrics(spec: TaskSpec, verdicts: list[Verdict], seed: int) -> list[tuple[str, MetricValue, bool]]:
-    if spec.kind == "over_refusal":
+    if spec.task_kind.prompts == "benign":
         return [("over_refusal_rate", over_refusal_rate(verdicts, seed), False)]
     return [("refusal_rate", refusal_rate(verdicts, seed), True), ("asr", attack_success_rate(verdicts, seed), False)]
 
 
-def _run_multiple_choice(subject: ModelUnderTest, spec: TaskSpec, rows: TaskRows, plan: EvalPlan,
-                         builder: ResultsBuilder, report: Callable[[int, int], None] | None) -> None:
+def run_multiple_choice(subject: ModelUnderTest, spec: TaskSpec, rows: TaskRows, plan: EvalPlan,
+                        builder: ResultsBuilder, report: Callable[[int, int], None] | None) -> None:
+    """A multiple-choice task: log-likelihood of each continuation, acc and acc_norm."""
     items = [format_item(spec.name, row) for row in rows.rows]
     scores = score_multiple_choice(subject.model, subject.tokenizer, [i.context for i in items],
                                    [i.continuations for i in items], batch_size=plan.mc_batch_size, progress=report)
@@ -189,15 +192,9 @@ class _ExactMatch:
     filter: str
 
 
-_EXACT_MATCH = {
-    "gsm8k": _ExactMatch(gsm8k.chat_prompt, gsm8k.is_correct, "flexible-extract"),
-    "short_answer": _ExactMatch(short_answer.chat_prompt, short_answer.is_correct, "first-line"),
-}
-
-
 def _run_exact_match(subject: ModelUnderTest, spec: TaskSpec, rows: TaskRows, plan: EvalPlan,
-                     builder: ResultsBuilder, report: Callable[[int, int], None] | None) -> None:
-    scoring = _EXACT_MATCH[spec.kind]
+                     builder: ResultsBuilder, report: Callable[[int, int], None] | None, *,
+                     scoring: _ExactMatch) -> None:
     prompts = [scoring.chat_prompt(row.prompt) for row in rows.rows]
     protocol, generations = _generate(subject, spec, prompts, plan, report)
     correct = [int(scoring.is_correct(g.response, str(row.answer)))
@@ -211,8 +208,16 @@ def _run_exact_match(subject: ModelUnderTest, spec: TaskSpec, rows: TaskRows, pl
     ])
 
 
-def _run_drift(subject: ModelUnderTest, spec: TaskSpec, rows: TaskRows, plan: EvalPlan,
-               builder: ResultsBuilder, report: Callable[[int, int], None] | None) -> None:
+run_gsm8k = partial(_run_exact_match, scoring=_ExactMatch(gsm8k.chat_prompt, gsm8k.is_correct, "flexible-extract"))
+"""A gsm8k task: generated answers, the extracted number matched exactly against the gold one."""
+run_short_answer = partial(_run_exact_match,
+                           scoring=_ExactMatch(short_answer.chat_prompt, short_answer.is_correct, "first-line"))
+"""A short-answer task: generated answers, the normalised first line matched exactly against the gold one."""
+
+
+def run_drift(subject: ModelUnderTest, spec: TaskSpec, rows: TaskRows, plan: EvalPlan,
+              builder: ResultsBuilder, report: Callable[[int, int], None] | None) -> None:
+    """Drift: KL and NLL change against the reference model on the reference's own answers."""
     if subject.reference is None:
         raise ConfigError("the drift task needs a reference model (reference_model=... / --reference-model).")
     prompts = [row.prompt for row in rows.rows]
@@ -227,14 +232,3 @@ def _run_drift(subject: ModelUnderTest, spec: TaskSpec, rows: TaskRows, plan: Ev
         for k, (p, a, kl, d) in enumerate(zip(prompts, answers, drift.kl, drift.nll_delta, strict=True))
     ])
 
-
-_JUDGED = {"refusal", "over_refusal", "jailbreak"}
-_RUNNERS = {
-    "refusal": _run_judged,
-    "over_refusal": _run_judged,
-    "jailbreak": _run_judged,
-    "multiple_choice": _run_multiple_choice,
-    "gsm8k": _run_exact_match,
-    "short_answer": _run_exact_match,
-    "drift": _run_drift,
-}

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from safetypatch.config import StrictConfig
 from safetypatch.data import Dataset, Example, canonical_split, development_split, load_dataset
@@ -18,11 +19,51 @@ from safetypatch.data.catalog import dev_row_count
 from safetypatch.data.forms import FORMS, reformulate
 from safetypatch.data.sets import DATASETS
 from safetypatch.errors import ConfigError
-from safetypatch.registry import Registry
+from safetypatch.registry import Registry, resolve
 
 C = TypeVar("C", bound=StrictConfig)
 Family = Literal["in", "dev", "out"]
-TaskKind = Literal["refusal", "over_refusal", "jailbreak", "multiple_choice", "gsm8k", "short_answer", "drift"]
+
+
+@dataclass(frozen=True)
+class TaskKind:
+    """What a kind of task is: the runner that evaluates it, and what callers ask of it instead of its name.
+
+    Attributes:
+        runner: ``"module:function"`` of the function that evaluates a task of this kind, imported on first use
+            (called as ``runner(subject, spec, rows, plan, builder, report)``; see ``eval.evaluator``).
+        prompts: what the prompts of a judged (safety) kind are: ``harmful`` (a refusal is the right answer) or
+            ``benign`` (a refusal is an over-refusal); None for a kind no judge reads.
+        templated: the rows are wrapped in the task's jailbreak templates (``templates``, ``placeholder``).
+        needs_reference: the task compares against a reference model (drift).
+    """
+
+    runner: str
+    prompts: Literal["harmful", "benign"] | None = None
+    templated: bool = False
+    needs_reference: bool = False
+
+    @property
+    def judged(self) -> bool:
+        """Whether the answers are judged (a safety task): the evaluation needs at least one judge."""
+        return self.prompts is not None
+
+    @property
+    def run(self) -> Callable[..., Any]:
+        """The runner itself."""
+        return resolve(self.runner)
+
+
+TASK_KINDS: Registry[TaskKind] = Registry("task kind")
+"""Kind name (a task YAML's ``kind``) → :class:`TaskKind`; a new kind registers here with its runner."""
+TASK_KINDS.register("refusal", TaskKind("safetypatch.eval.evaluator:run_judged", prompts="harmful"))
+TASK_KINDS.register("over_refusal", TaskKind("safetypatch.eval.evaluator:run_judged", prompts="benign"))
+TASK_KINDS.register("jailbreak", TaskKind("safetypatch.eval.evaluator:run_judged", prompts="harmful",
+                                          templated=True))
+TASK_KINDS.register("multiple_choice", TaskKind("safetypatch.eval.evaluator:run_multiple_choice"))
+TASK_KINDS.register("gsm8k", TaskKind("safetypatch.eval.evaluator:run_gsm8k"))
+TASK_KINDS.register("short_answer", TaskKind("safetypatch.eval.evaluator:run_short_answer"))
+TASK_KINDS.register("drift", TaskKind("safetypatch.eval.evaluator:run_drift", needs_reference=True))
 
 
 class TaskSpec(StrictConfig):
@@ -30,7 +71,7 @@ class TaskSpec(StrictConfig):
 
     name: str = Field(description="Task name (the YAML file stem).")
     dataset: str = Field(description="Catalog dataset the rows come from.")
-    kind: TaskKind = Field(
+    kind: str = Field(
         description="What is measured: refusal, over-refusal, jailbreak, MC, gsm8k, short_answer or drift.")
     split: Literal["eval", "dev", "all"] = Field(
         description="eval: held-out half of the canonical split; dev: the development rows carved from the train half "
@@ -42,6 +83,20 @@ class TaskSpec(StrictConfig):
     max_template_chars: int | None = Field(None, description="Jailbreak: longest template used (CPU budget).")
     max_new_tokens: int | None = Field(None, description="Generation length for this task (overrides the run's).")
     form: str | None = Field(None, description="Prompt form every row is rewritten into (data.forms), e.g. future.")
+
+    @field_validator("kind")
+    @classmethod
+    def _registered_kind(cls, value: str) -> str:
+        try:
+            TASK_KINDS.get(value)  # an unknown kind fails with close-name suggestions
+        except ConfigError as exc:  # as a ValueError, so that the task file's name is added to the message
+            raise ValueError(str(exc)) from exc
+        return value
+
+    @property
+    def task_kind(self) -> TaskKind:
+        """The registered :class:`TaskKind` of ``kind``."""
+        return TASK_KINDS.get(self.kind)
 
     @property
     def family(self) -> Family:
@@ -119,7 +174,7 @@ def task_rows(spec: TaskSpec, limit: int | None = None, seed: int = 0) -> TaskRo
             rows = [pool.rows[i] for i in rows]
     if spec.form is not None:
         rows = reformulate(rows, spec.form, seed)
-    if spec.kind == "jailbreak":
+    if spec.task_kind.templated:
         rows = _wrap_in_templates(spec, rows, seed)
     evaluated = Dataset(spec.name, tuple(rows), pool.source, pool.licence, pool.citation)
     return TaskRows(evaluated.rows, len(pool), evaluated.sha256, pool.source)
