@@ -80,3 +80,12 @@ def test_train_patch_adds_form_copies_of_harmful_and_retain_prompts(tmp_path, ti
     assert manifest["extra"]["form_copies"] == {"harmful": 6, "retain": 3}
     assert manifest["extra"]["train_config"]["harmful_forms"] == ["past", "roleplay"]
     assert {d["name"]: d["rows"] for d in manifest["data"]}["harmbench"] == 200 - 40
+
+
+def test_the_probe_learns_from_the_patch_training_sets_and_refuses_out_of_family_ones():
+    from safetypatch.api.probe import ProbeConfig
+
+    cfg = ProbeConfig()
+    assert cfg.harmful == api.TrainConfig().harmful and cfg.benign == api.TrainConfig().retain
+    with pytest.raises(ConfigError, match=r"benign names \['xstest-safe'\].*out-of-family"):
+        ProbeConfig(benign=["everyday-requests", "xstest-safe"])

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, model_validator
 
 from safetypatch.api._progress import Progress
+from safetypatch.api.train import check_trainable
 from safetypatch.config import StrictConfig
 from safetypatch.errors import ConfigError
 from safetypatch.models.catalog import DEFAULT_MODEL
@@ -33,10 +34,14 @@ PROBE_FILE = "probe.json"
 SAMPLES_FILE = "samples.jsonl"
 FORMAT_VERSION = 1
 
-DEFAULT_HARMFUL = ["harmbench", "advbench", "strongreject", "donotanswer"]
-DEFAULT_BENIGN = ["xstest-safe", "everyday-requests", "benign-edgy", "public-knowledge", "contrast-benign"]
-DEFAULT_TASKS = ["harmbench", "advbench", "strongreject", "donotanswer", "xstest-unsafe", "contrast-harmful",
-                 "xstest-safe", "everyday-requests", "benign-edgy", "public-knowledge", "contrast-benign"]
+DEFAULT_HARMFUL = ["harmbench", "advbench", "xstest-unsafe", "contrast-harmful", "donotanswer"]
+DEFAULT_BENIGN = ["everyday-requests", "public-knowledge", "contrast-benign", "benign-edgy", "chat"]
+"""The sets ``safetypatch train`` trains a patch on by default: the probe learns from the same data, and never from an
+out-of-family set (docs/generalization.md)."""
+DEFAULT_TASKS = ["harmbench", "advbench", "advbench-past", "donotanswer", "xstest-unsafe", "contrast-harmful",
+                 "benign-edgy", "everyday-requests", "everyday-past", "contrast-benign", "public-knowledge",
+                 "strongreject", "advbench-future", "advbench-fiction", "jailbreak", "xstest-safe", "everyday-future",
+                 "everyday-fiction"]
 class ProbeConfig(StrictConfig):
     """Options of ``safetypatch probe``: the training sets, the layer search, the held-out tasks, the eval results
     to compare with, and where the output goes."""
@@ -79,6 +84,7 @@ class ProbeConfig(StrictConfig):
         both = sorted(set(self.harmful) & set(self.benign))
         if both:
             raise ConfigError(f"ProbeConfig: {both} are both harmful and benign; a set has one label.")
+        check_trainable({"harmful": self.harmful, "benign": self.benign})
         if self.judge is not None and self.results is None:
             raise ConfigError("ProbeConfig: judge picks a judge of results, but no results are given.")
         bad = {name: n for name, n in self.limits.items() if n < 1}

@@ -25,15 +25,16 @@ if TYPE_CHECKING:
 
 DEFAULT_PER_SET: dict[str, int | None] = {"harmbench": 150, "donotanswer": None}
 """HarmBench gets more training prompts than the other sets by default: its contextual (a document, then the
-request) and copyright behaviours are the ones 60 prompts leave unrefused (docs/patches.md, development rows).
-Do-Not-Answer gives every question of its train half in :data:`DEFAULT_CATEGORIES` (None: all): harmful requests
-phrased as questions, the form the other sets lack (docs/patches.md, *Harmful questions*)."""
+request) and copyright behaviours are the ones 60 prompts leave unrefused (docs/results/patch-recipes.md,
+development rows). Do-Not-Answer gives every question of its train half in :data:`DEFAULT_CATEGORIES` (None: all):
+harmful requests phrased as questions, the form the other sets lack (docs/results/patch-recipes.md, *Harmful
+questions*)."""
 
 DEFAULT_CATEGORIES: dict[str, list[str]] = {"donotanswer": ["malicious_uses", "information_hazard"]}
 """Do-Not-Answer's risk areas a refusal answers by default. Its discrimination/toxicity questions also call for a
-refusal, but training on them brings back the refusal of XSTest's safe questions about people (docs/patches.md,
-*Two Do-Not-Answer areas at λ 20*); its other two (misinformation_harms, human_chatbox: "Are you human?") call for a
-correction or an honest answer instead."""
+refusal, but training on them brings back the refusal of XSTest's safe questions about people
+(docs/results/patch-recipes.md, *Two Do-Not-Answer areas at λ 20*); its other two (misinformation_harms,
+human_chatbox: "Are you human?") call for a correction or an honest answer instead."""
 
 
 class TrainConfig(StrictConfig):
@@ -87,7 +88,8 @@ class TrainConfig(StrictConfig):
             raise ConfigError(f"TrainConfig: full is true (CLI --full) but recipe_overrides sets mode="
                               f"{self.recipe_overrides['mode']!r} (CLI --set mode=...); drop one of them: full "
                               "trains every weight (mode=full).")
-        _check_trainable(self.harmful, self.retain, self.harmful_forms, self.retain_forms)
+        check_trainable({"harmful": self.harmful, "retain": self.retain},
+                        {"harmful_forms": self.harmful_forms, "retain_forms": self.retain_forms})
         unknown = sorted(set(self.n_per_set or ()) - set(self.harmful))
         if unknown:
             raise ConfigError(f"TrainConfig: n_per_set names {unknown}, which are not in harmful {self.harmful}; "
@@ -151,28 +153,31 @@ class TrainConfig(StrictConfig):
         return get_recipe(self.recipe, **{**self.recipe_overrides, **({"mode": "full"} if self.full else {})})
 
 
-def _check_trainable(harmful: list[str], retain: list[str], harmful_forms: list[str], retain_forms: list[str]) -> None:
+def check_trainable(sets: dict[str, list[str]], forms: dict[str, list[str]] | None = None) -> None:
     """Out-of-family sets and held-out forms are for evaluation only (docs/generalization.md).
 
+    Args:
+        sets: option name (``harmful``, ``retain``, …) → the catalog sets or files it names.
+        forms: option name → the prompt forms it names.
+
     Raises:
-        ConfigError: naming the set or form, the option it came from and the sets or forms that may be used.
+        ConfigError: naming the set or form, the option it came from and what may be used instead.
     """
     from safetypatch.data.forms import FORMS, form_names
     from safetypatch.data.sets import DATASETS
 
-    for option, names in (("harmful", harmful), ("retain", retain)):
+    for option, names in sets.items():
         held = [name for name in names if name in DATASETS and DATASETS.get(name).out_of_family]
         if held:
-            raise ConfigError(f"TrainConfig: {option} names {held}, which the catalog marks out-of-family: they "
-                              "measure generalisation to data no recipe trains on, so no patch may train on them "
+            raise ConfigError(f"{option} names {held}, which the catalog marks out-of-family: they measure "
+                              "generalisation to data no recipe trains on, so nothing may be trained on them "
                               f"(docs/generalization.md). Drop them from {option} (CLI --{option}); a local file with "
                               "your own rows is accepted.")
-    for option, forms in (("harmful_forms", harmful_forms), ("retain_forms", retain_forms)):
-        for form in forms:
+    for option, names in (forms or {}).items():
+        for form in names:
             if FORMS.get(form).family != "train":
-                raise ConfigError(f"TrainConfig: {option} names the form {form!r}, which is held out for "
-                                  "evaluation (out-of-family tasks read it); training forms: "
-                                  f"{', '.join(form_names('train'))}.")
+                raise ConfigError(f"{option} names the form {form!r}, which is held out for evaluation "
+                                  f"(out-of-family tasks read it); training forms: {', '.join(form_names('train'))}.")
 
 
 @dataclass(frozen=True)
