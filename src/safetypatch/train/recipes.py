@@ -145,9 +145,9 @@ class PatchRecipe(StrictConfig):
 
 RECIPES: Registry[dict[str, Any]] = Registry("recipe")
 # Mou et al.'s patch shape (rank 8, every linear layer) with the budget measured on SmolLM2-135M on 2 CPU cores
-# (docs/patches.md): 2 epochs at lr 2e-4, batch 8, no dropout, every self-answered look-alike prompt of the retain
-# sets at loss weight 1 with the unlikelihood term on the refusal openings at λ 20, and the first four completion
-# tokens (refuse or answer) weighted 3x.
+# (docs/results/patch-recipes.md): 2 epochs at lr 2e-4, batch 8, no dropout, every self-answered look-alike prompt
+# of the retain sets at loss weight 1 with the unlikelihood term on the refusal openings at λ 20, and the first four
+# completion tokens (refuse or answer) weighted 3x.
 RECIPES.register("mou", {
     "r": 8, "target_modules": ALL_LINEAR, "layer_range": None, "lora_dropout": 0.0, "learning_rate": 2e-4,
     "num_train_epochs": 2.0, "per_device_train_batch_size": 8, "max_length": 256, "retain_count": 1000,
