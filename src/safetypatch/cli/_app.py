@@ -12,12 +12,13 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from rich.cells import cell_len
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
@@ -30,6 +31,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 from typer.exceptions import TyperException
 
 from safetypatch.errors import SafetypatchError
@@ -215,9 +217,22 @@ def task_bars() -> Iterator[TaskBars]:
 
 
 def key_value_table(title: str, rows: dict[str, str]) -> Table:
-    table = Table(show_header=False, title=title)
-    for key, value in rows.items():
-        table.add_row(key, value)
+    return whole_names_table(title, ("key", "value"), list(rows.items()), show_header=False)
+
+
+def whole_names_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[str]], *,
+                      show_header: bool = True, caption: str | None = None) -> Table:
+    """A table whose first column (the names a user copies) is never cut: it does not wrap and is as wide as its
+    longest cell, so in a narrow terminal or a pipe the other columns give way, folding long words and paths onto
+    more lines rather than cutting them. Cells are plain text, never markup; ``title`` and ``caption`` are markup."""
+    table = Table(title=title, caption=caption, show_header=show_header)
+    for index, column in enumerate(columns):
+        if index == 0:
+            table.add_column(column, no_wrap=True, min_width=max(cell_len(row[0]) for row in [columns, *rows]))
+        else:
+            table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*map(Text, row))  # as given: a cell such as `safetypatch[deepspeed]` is no markup
     return table
 
 

@@ -9,7 +9,18 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from safetypatch.cli._app import ConfigOpt, app, console, friendly, out, pairs, paths, split, task_bars
+from safetypatch.cli._app import (
+    ConfigOpt,
+    app,
+    console,
+    friendly,
+    out,
+    pairs,
+    paths,
+    split,
+    task_bars,
+    whole_names_table,
+)
 
 
 @app.command("eval")
@@ -53,13 +64,10 @@ def eval_(
     console.print(f"[bold]safetypatch eval[/] {cfg.model}, preset {cfg.preset}")
     with task_bars() as report:
         result = api.evaluate(cfg, progress=report)
-    table = Table(title=f"{cfg.model}: headline metrics (95% CI in the results file)")
-    for col in ("task", "metric,filter", "value"):
-        table.add_column(col)
-    for task, metrics in result.headline.items():
-        for key, value in metrics.items():
-            table.add_row(task, key, f"{value:.3f}")
-    out.print(table)
+    out.print(whole_names_table(f"{cfg.model}: headline metrics (95% CI in the results file)",
+                                ("task", "metric,filter", "value"),
+                                [(task, key, f"{value:.3f}") for task, metrics in result.headline.items()
+                                 for key, value in metrics.items()]))
     console.print(f"[green]done[/] in {result.seconds / 60:.1f} min: {result.path}")
 
 
@@ -111,26 +119,26 @@ def _probe_table(document: dict[str, Any]) -> Table:
     rate on the rows both judged."""
     fitted, compared = document["probe"], document["results"]
     training = document["training"]
-    table = Table(title=escape(
-        f"linear probe at layer {fitted['layer']} (CV accuracy {fitted['cv_accuracy']:.3f}), trained on "
-        f"{training['n_harmful']} harmful and {training['n_benign']} benign prompts"), caption=escape(
+    title = escape(f"linear probe at layer {fitted['layer']} (CV accuracy {fitted['cv_accuracy']:.3f}), trained on "
+                   f"{training['n_harmful']} harmful and {training['n_benign']} benign prompts")
+    caption = escape(
         "probe flags: share of the task's rows called harmful; on benign tasks a false alarm"
         + (f"; patch refuses: {compared['judge']}'s refusals on the rows the results hold (in brackets: the probe's "
            "share on those rows)"
-           if compared else "")))
-    for column in ("set", "role", "n", "probe flags", *(("patch refuses", "judged") if compared else ())):
-        table.add_column(column)
+           if compared else ""))
 
     def share(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
 
+    rows = []
     for row in document["rows"]:
         cells = [row["task"], row["role"], str(row["n"]), share(row["share_flagged"])]
         if compared:
             cells += [f"{share(row['patch_refusal'])} ({share(row['share_flagged_judged'])})",
                       f"{row['n_judged']}/{row['n']}"]
-        table.add_row(*map(escape, cells))
-    return table
+        rows.append(cells)
+    return whole_names_table(title, ("set", "role", "n", "probe flags",
+                                     *(("patch refuses", "judged") if compared else ())), rows, caption=caption)
 
 
 @app.command()
