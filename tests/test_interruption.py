@@ -4,10 +4,12 @@ Each verb that writes a model or patch folder (train, apply --mode merge, restor
 ``python -m safetypatch.cli`` on the tiny models of ``tests/tiny.py`` and is stopped at seeded points: SIGKILL the
 moment its temporary output appears beside the output path (mid-write), SIGINT (Ctrl-C) a random time after it
 started working, SIGKILL a random time after it started. After every stop the output path holds nothing or a complete
-output (the marker, the manifest, files that load back); after SIGINT the verb exited with code 130, said in one line
-that nothing was written there, printed no traceback and left no temporary behind. The next run (with --overwrite
-where an output is already there) starts cleanly, and a last one completes and leaves the output alone in its folder,
-weights equal to those of every complete output an earlier run left (the runs are deterministic).
+output (the marker, the manifest, files that load back); after SIGINT the verb exited with code 130 and said in one
+line what it did not write (and, for train, which checkpoint --resume continues from), printed no traceback and left
+no temporary behind. The next run (with --overwrite where an output is already there; train always with
+--checkpoint-every and --resume) starts cleanly, and a last one completes, resumes train from the checkpoint the
+runs before left, and leaves the output alone in its folder, with the weights of every complete output an earlier
+run left (the runs are deterministic, a resumed one included).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 
 from safetypatch.models.loading import load_model
 from safetypatch.patch import PatchManifest, load_patch, save_patch
+from safetypatch.train.checkpoints import checkpoint_folder, last_checkpoint
 from safetypatch.utils.hashing import sha256_file
 from safetypatch.utils.io import MARKER
 from tests.patch.helpers import random_patch
@@ -58,7 +61,8 @@ STOPS = (Stop(signal.SIGKILL, writing=True), Stop(signal.SIGINT), Stop(signal.SI
 class Verb:
     """A verb's command (``{name}`` placeholders are input paths; the output option comes last), its weights file,
     its manifest, how long a run takes on two busy cores (the range of the random stops), how an output folder is
-    read back, and the stops of its runs before the last."""
+    read back, the stops of its runs before the last, and whether it resumes from training checkpoints kept beside
+    the output (train with --checkpoint-every and --resume)."""
 
     command: tuple[str, ...]
     weights: str
@@ -66,6 +70,7 @@ class Verb:
     seconds: float
     reads_back: Callable[[Path], object]
     stops: tuple[Stop, ...] = STOPS
+    resumes: bool = False
 
 
 def _model(folder: Path) -> object:
@@ -75,8 +80,9 @@ def _model(folder: Path) -> object:
 VERBS = {
     "train": Verb(("train", "--model", "{llama}", "--harmful", "harmbench", "--n-harmful", "4", "--retain",
                    "everyday-requests", "--retain-max-new-tokens", "4", "--set",
-                   "retain_count=4,max_steps=6,per_device_train_batch_size=2,lora_dropout=0"),
-                  "adapter_model.safetensors", "safety_patch.json", 7.5, load_patch),
+                   "retain_count=4,max_steps=6,per_device_train_batch_size=2", "--checkpoint-every", "2",
+                   "--resume"),
+                  "adapter_model.safetensors", "safety_patch.json", 9.0, load_patch, resumes=True),
     "apply-merge": Verb(("apply", "--model", "{llama}", "--patch", "{patch}", "--mode", "merge"), "model.safetensors",
                         "safety_patch_applied.json", 5.0, _model),
     "restore": Verb(("restore", "--method", "resta", "--aligned-model", "{llama}", "--unsafe-model", "{tuned}",
@@ -200,9 +206,10 @@ def test_a_stopped_verb_leaves_nothing_or_a_complete_output_and_a_rerun_works(na
             lines = ran.stderr.strip().splitlines()
             said = [line for line in lines if line.startswith("interrupted: ")]
             assert said or digest is not None, ran.stderr
-            assert not said or (said == lines[-1:] and lines[-1].endswith("Run the command again to redo it.")), \
-                ran.stderr
+            assert not said or (said == lines[-1:] and "Run the command again" in lines[-1]), ran.stderr
             assert digest is not None or said[0].startswith("interrupted: nothing was written"), ran.stderr
+            if said and verb.resumes and last_checkpoint(checkpoint_folder(output)) is not None:
+                assert "with --resume to continue from the training checkpoint of step" in said[0], ran.stderr
             assert not _temporaries(output, ran.pid), f"SIGINT left its temporary: {_temporaries(output)}"
         else:
             assert ran.returncode == -signal.SIGKILL, ran.stderr
@@ -211,9 +218,14 @@ def test_a_stopped_verb_leaves_nothing_or_a_complete_output_and_a_rerun_works(na
             if stop.signal == signal.SIGKILL:
                 assert _temporaries(output, ran.pid), "a killed run left no temporary output"
     again = ["--overwrite"] if output.exists() else []
+    kept = last_checkpoint(checkpoint_folder(output))
     ran = _run(command + again, output, None, 0)
     assert ran.returncode == 0, ran.stderr
     digest = _check_output(verb, output)
+    if verb.resumes:
+        resumed = json.loads((output / verb.manifest).read_text())["training"]["resumed_from_step"]
+        assert resumed == (kept[0] if kept else 0), ran.stderr
+        log.append(f"resumed from step {resumed}")
     assert digest is not None and complete <= {digest}, "a complete output of an earlier run has other weights"
     assert sorted(p.name for p in output.parent.iterdir()) == [output.name], "a temporary or other file remains"
     print(f"{name}: " + "; ".join(log) + f"; rerun {ran.seconds:.1f} s")

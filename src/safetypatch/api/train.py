@@ -79,7 +79,14 @@ class TrainConfig(StrictConfig):
                                                           "train refusing benign look-alikes).")
     output: Path = Field(Path("runs/patch"), description="Patch folder (PEFT adapter + safety_patch.json; full "
                                                          "mode: a complete model folder + safety_patch.json).")
-    overwrite: bool = Field(False, description="Replace an existing patch folder.")
+    overwrite: bool = Field(False, description="Replace an existing patch folder (and remove the checkpoints an "
+                                                "interrupted run left, unless resume is set).")
+    checkpoint_every: int | None = Field(
+        None, gt=0, description="Save a training checkpoint every this many optimiser steps into "
+                                "<output>.checkpoints/ (removed once the patch is written), for resume.")
+    resume: bool = Field(False, description="Continue from the last checkpoint in <output>.checkpoints/, left by an "
+                                            "interrupted run with checkpoint_every and the same options; without "
+                                            "one, train from the first step.")
     dtype: Dtype = Field("auto", description="Weights dtype: auto, float32, bfloat16 or float16.")
 
     @model_validator(mode="after")
@@ -229,17 +236,20 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
         A :class:`TrainPatchResult`.
 
     Raises:
-        ConfigError: unknown recipe or dataset, or launcher settings the run cannot use.
+        ConfigError: unknown recipe or dataset, or launcher settings the run cannot use, or ``resume`` finds the
+            checkpoints of a run with another recipe or other examples.
         DataError: the processes of a distributed run built different training data.
-        OutputExistsError: the output folder exists and ``overwrite`` is false.
+        OutputExistsError: the output folder exists and ``overwrite`` is false, or ``<output>.checkpoints`` holds an
+            interrupted run's checkpoints and neither ``resume`` nor ``overwrite`` is set.
         PatchError: the written LoRA patch fails its reload check, or a sharded run's gathered adapter is empty or
             partial.
         ModelError: a tensor of the written full model folder does not read back as trained.
     """
     from safetypatch.data import check_no_overlap, count_ngram_overlap
-    from safetypatch.eval.generate import GenerationProtocol
+    from safetypatch.eval.generate import Generation, GenerationProtocol
     from safetypatch.patch.artifact import PatchManifest, chat_template_sha256
     from safetypatch.train import build_refusal_examples, build_retain_examples, tokenize_examples, train_refusal_patch
+    from safetypatch.train.checkpoints import TrainCheckpoints
     from safetypatch.train.distributed import check_launcher_environment
     from safetypatch.utils.distributed import require_same_everywhere
     from safetypatch.utils.hashing import sha256_json
@@ -247,6 +257,7 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
 
     cfg = config or TrainConfig()
     ensure_writable(cfg.output, cfg.overwrite, folder=True)
+    checkpoints = TrainCheckpoints(cfg.output, every=cfg.checkpoint_every, resume=cfg.resume, overwrite=cfg.overwrite)
     check_launcher_environment()
     start = time.perf_counter()
     recipe = cfg.patch_recipe()
@@ -263,7 +274,8 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
     train_prompts = [row.prompt for row in harmful] + benign + [text for _, text in twins]
     check_no_overlap(train_prompts, held_out, what="patch training prompts vs evaluation splits")
     protocol = GenerationProtocol(max_new_tokens=cfg.retain_max_new_tokens, dtype=loaded.dtype, seed=recipe.seed)
-    answers = _retain_answers(loaded, benign, protocol, progress)
+    answers = checkpoints.reuse("retain_answers", [loaded.provenance(), protocol.to_dict(), benign],
+                                lambda: _retain_answers(loaded, benign, protocol, progress), Generation)
     kept = set(range(len(answers)))
     if not cfg.retain_keep_refusals:
         kept = {i for i, refused in enumerate(own_refusals([a.response for a in answers])) if not refused}
@@ -275,10 +287,12 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
     tokenized = tokenize_examples(loaded.tokenizer, examples, max_length=recipe.max_length, think=recipe.think)
     examples_sha256 = sha256_json([[ex.input_ids, ex.completion_mask, ex.weight] for ex in tokenized])
     require_same_everywhere(examples_sha256, "the tokenised training examples")
+    checkpoints.bind(recipe.model_dump(mode="json"), examples_sha256)
     with tempfile.TemporaryDirectory(prefix="safetypatch-train-") as scratch:
         result = train_refusal_patch(
             loaded.model, loaded.tokenizer, tokenized, recipe, Path(scratch),
             progress=(lambda p: progress("train", p.step, p.max_steps)) if progress else None,
+            checkpoints=checkpoints.trainer_settings(),
         )
         manifest = PatchManifest(
             method="refusal_sft", recipe=recipe.model_dump(mode="json"), base_model=loaded.provenance(),
@@ -296,6 +310,7 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
         )
         if result.launch.is_main_process:
             _save(cfg, loaded, recipe, result, manifest)
+    checkpoints.remove()
     return TrainPatchResult(cfg.output, result.to_dict(), len(harmful), len(retained), time.perf_counter() - start,
                             written=result.launch.is_main_process)
 

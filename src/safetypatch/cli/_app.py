@@ -112,7 +112,8 @@ def _report_interrupted(outputs: OutputLog, exc: BaseException) -> NoReturn:
 
 def interrupted_message(outputs: OutputLog) -> str:
     """What an interrupted verb tells the user: the outputs it had started and left unwritten (nothing of them is at
-    their path; an older output there is unchanged), those it had finished, and what to do."""
+    their path; an older output there is unchanged), those it had finished, and what to do (its notes, when it kept
+    something to continue from)."""
     unfinished, written = outputs.unfinished(), outputs.written
     kept = [path for path in unfinished if os.path.lexists(path)]
     parts = [f"nothing was written at {', '.join(map(str, unfinished))}"] if unfinished else []
@@ -120,7 +121,8 @@ def interrupted_message(outputs: OutputLog) -> str:
         parts.append(f"the output already at {', '.join(map(str, kept))} is unchanged")
     if written:
         parts.append(f"{', '.join(map(str, written))} had been written completely before")
-    return "; ".join(parts or ["nothing was written"]) + ". Run the command again to redo it."
+    advice = " ".join(text for note in outputs.notes if (text := note())) or "Run the command again to redo it."
+    return "; ".join(parts or ["nothing was written"]) + ". " + advice
 
 
 def report_unexpected(verb: str, exc: BaseException) -> Path | None:

@@ -101,7 +101,13 @@ def train(
         "--retain-keep-refusals", help="Keep retain answers in which the model refuses a benign prompt.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Patch folder.")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16.")] = None,
-    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace an existing patch.")] = None,
+    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace an existing patch (and, without "
+                                                                       "--resume, remove old checkpoints).")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(
+        help="Save a checkpoint every N optimiser steps into <output>.checkpoints/ (removed when done).")] = None,
+    resume: Annotated[bool | None, typer.Option(
+        "--resume", help="Continue from the last checkpoint an interrupted run left in <output>.checkpoints/.",
+    )] = None,
 ) -> None:
     """Train a safety patch (LoRA Refusal-SFT on safety data) into a verified PEFT folder; --full: a model folder."""
     from safetypatch import api
@@ -114,7 +120,7 @@ def train(
         retain_max_new_tokens=retain_max_new_tokens, harmful_forms=split(harmful_forms),
         retain_forms=split(retain_forms), forms_per_prompt=forms_per_prompt,
         retain_keep_refusals=retain_keep_refusals, output=output,
-        dtype=dtype, overwrite=overwrite))
+        dtype=dtype, overwrite=overwrite, checkpoint_every=checkpoint_every, resume=resume))
     console.print(f"[bold]safetypatch train[/] {cfg.recipe} patch on {cfg.model} -> {cfg.output}")
     with task_bars() as report:
         result = api.train_patch(cfg, progress=report)

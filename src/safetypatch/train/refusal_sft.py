@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from safetypatch.errors import ConfigError, DataError
+from safetypatch.train.checkpoints import Checkpointing
 from safetypatch.train.distributed import Launch, export_if_sharded, launch_of, resolve_precision
 from safetypatch.train.examples import TokenizedExample, check_supervision, end_of_turn_ids, refusal_openings
 from safetypatch.train.recipes import PatchRecipe
@@ -77,6 +78,8 @@ class TrainResult:
             when the term is off).
         exported: on the main process of an FSDP or DeepSpeed run, the folder Trainer gathered the trained weights
             into (a PEFT adapter folder in LoRA mode, a model folder in full mode); None otherwise.
+        resumed_from_step: the step of the checkpoint the run continued from (0: it trained from the start);
+            ``seconds`` and ``tokens_per_second`` then cover the steps after it.
     """
 
     model: Any = field(repr=False, compare=False)
@@ -92,6 +95,7 @@ class TrainResult:
     distilled_examples: int = 0
     refusal_direction: dict[str, Any] = field(default_factory=dict)
     exported: Path | None = None
+    resumed_from_step: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The training block of a manifest (everything but the model and the export folder)."""
@@ -111,6 +115,7 @@ def train_refusal_patch(
     output_dir: Path,
     callbacks: Sequence[Any] | None = None,
     progress: Callable[[TrainProgress], None] | None = None,
+    checkpoints: Checkpointing | None = None,
 ) -> TrainResult:
     """Train a refusal patch on ``model`` (docs/methods.md §3.1 steps 4-6, §3.2 when ``recipe.regularizer`` is set).
 
@@ -120,11 +125,14 @@ def train_refusal_patch(
         tokenizer: its tokenizer (pad id used for padding; labels are masked by position, not by pad id).
         train_examples: output of :func:`safetypatch.train.examples.tokenize_examples`.
         recipe: the recipe; ``max_length`` must already have been applied when tokenising.
-        output_dir: the trainer's working folder (no checkpoints are written; save the patch with
-            :func:`safetypatch.patch.artifact.save_patch`). After FSDP or DeepSpeed, the main process finds the
-            gathered weights in ``output_dir / "trained"`` (``TrainResult.exported``).
+        output_dir: the trainer's working folder (save the patch with :func:`safetypatch.patch.artifact.save_patch`).
+            After FSDP or DeepSpeed, the main process finds the gathered weights in ``output_dir / "trained"``
+            (``TrainResult.exported``).
         callbacks: extra ``transformers.TrainerCallback`` objects (e.g. early stopping).
         progress: called with a :class:`TrainProgress` after every optimiser step.
+        checkpoints: where Trainer saves checkpoints and how often, and the one it resumes from
+            (:mod:`safetypatch.train.checkpoints`); None: no checkpoints. A resumed run's loss history starts at the
+            first step, as an uninterrupted run's.
 
     Returns:
         A :class:`TrainResult` holding the trained model.
@@ -134,12 +142,13 @@ def train_refusal_patch(
         ConfigError: the recipe's modules or layer range do not fit the model, or its precision contradicts the
             launcher's.
     """
-    trainer = make_trainer(model, tokenizer, train_examples, recipe, output_dir, callbacks, progress)
+    trainer = make_trainer(model, tokenizer, train_examples, recipe, output_dir, callbacks, progress, checkpoints)
+    resume_from = checkpoints.resume_from if checkpoints is not None else None
     fraction = check_supervision(trainer.train_dataset["labels"], end_of_turn_ids(tokenizer),
                                  [ex.ends_turn for ex in train_examples])
     with _cpu_threads():
         start = time.perf_counter()
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
         seconds = time.perf_counter() - start
     final_r = {}
     if trainer.regularizer is not None:
@@ -156,7 +165,7 @@ def train_refusal_patch(
         refusal_openings=trainer.openings, unlikelihood_examples=int(sum(trainer.train_dataset["unlikely"])),
         distilled_examples=int(sum(trainer.train_dataset["distill"])),
         refusal_direction=trainer.direction.to_dict() if trainer.direction is not None else {},
-        exported=exported,
+        exported=exported, resumed_from_step=trainer.recorder.resumed_from,
     )
 
 
@@ -168,6 +177,7 @@ def make_trainer(
     output_dir: Path,
     callbacks: Sequence[Any] | None = None,
     progress: Callable[[TrainProgress], None] | None = None,
+    checkpoints: Checkpointing | None = None,
 ) -> Any:
     """The configured ``SFTTrainer`` subclass of :func:`train_refusal_patch`, before training (arguments as there).
 
@@ -205,7 +215,8 @@ def make_trainer(
     recorder = _recorder_class()(progress)
     with _quiet_datasets():
         trainer = RefusalSFTTrainer(
-            model=model, args=_sft_config(recipe, output_dir), train_dataset=dataset, processing_class=tokenizer,
+            model=model, args=_sft_config(recipe, output_dir, checkpoints), train_dataset=dataset,
+            processing_class=tokenizer,
             data_collator=_WeightedCollator(_pad_id(tokenizer)), callbacks=[recorder, *(callbacks or [])],
             regularizer=regularizer, lead=(recipe.lead_tokens, recipe.lead_weight),
             unlikelihood=(openings, recipe.retain_unlikelihood),
@@ -267,13 +278,17 @@ def _prepare_model(model: Any, recipe: PatchRecipe) -> Any:
                           "(e.g. q_proj, up_proj) and a layer range inside the model.") from exc
 
 
-def _sft_config(recipe: PatchRecipe, output_dir: Path) -> Any:
+def _sft_config(recipe: PatchRecipe, output_dir: Path, checkpoints: Checkpointing | None = None) -> Any:
     from trl import SFTConfig
 
     cuda = torch.cuda.is_available()
     precision = resolve_precision(recipe.precision)
+    every = checkpoints.every if checkpoints is not None else None
+    # The newest checkpoint is kept; Trainer removes the one before only once the new one is complete.
+    saving = dict(save_strategy="steps", save_steps=every, save_total_limit=1) if every else dict(save_strategy="no")
     return SFTConfig(
-        output_dir=str(output_dir), completion_only_loss=True, packing=False,
+        output_dir=str(checkpoints.folder if checkpoints is not None else output_dir), completion_only_loss=True,
+        packing=False,
         # Examples arrive truncated from the left of the prompt; TRL's own truncation would cut the completion.
         max_length=None,
         per_device_train_batch_size=recipe.per_device_train_batch_size,
@@ -288,7 +303,7 @@ def _sft_config(recipe: PatchRecipe, output_dir: Path) -> Any:
         # padding (SmolLM2, the default sets); megabatches are still shuffled. Grouped over the global batch
         # (RefusalSFTTrainer._get_train_sampler).
         train_sampling_strategy="group_by_length",
-        logging_steps=1, save_strategy="no", report_to="none", dataloader_num_workers=0, disable_tqdm=True,
+        logging_steps=1, report_to="none", dataloader_num_workers=0, disable_tqdm=True, **saving,
     )
 
 
@@ -353,11 +368,17 @@ def _recorder_class() -> type:
     from transformers import TrainerCallback
 
     class _Recorder(TrainerCallback):
-        """Keeps the loss of every step and forwards progress."""
+        """Keeps the loss of every step (those before the checkpoint a run resumes from included) and forwards
+        progress."""
 
         def __init__(self, progress: Callable[[TrainProgress], None] | None) -> None:
             self.progress = progress
             self.history: list[tuple[int, float]] = []
+            self.resumed_from = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.resumed_from = state.global_step
+            self.history = [(log["step"], float(log["loss"])) for log in state.log_history if "loss" in log]
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:

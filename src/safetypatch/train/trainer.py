@@ -10,6 +10,7 @@ import contextlib
 from typing import Any
 
 import torch
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from trl import SFTTrainer
 
 from safetypatch.errors import ConfigError
@@ -47,10 +48,8 @@ class RefusalSFTTrainer(SFTTrainer):
         # a generator of its own under several processes. Grouping over the global batch (every process's share
         # of one optimiser step) with a generator seeded by data_seed gives the same batches, and so the same
         # loss curve, whatever the number of processes.
-        from transformers.trainer_pt_utils import LengthGroupedSampler
-
         args = self.args
-        return LengthGroupedSampler(
+        return EpochReplayingSampler(
             args.train_batch_size * args.gradient_accumulation_steps * args.world_size,
             dataset=self.train_dataset if train_dataset is None else train_dataset, model_input_name="input_ids",
             generator=torch.Generator().manual_seed(args.data_seed if args.data_seed is not None else args.seed))
@@ -111,3 +110,21 @@ class RefusalSFTTrainer(SFTTrainer):
         with model.disable_adapter():
             return supervised_logits(model, sub, mask)
 
+
+class EpochReplayingSampler(LengthGroupedSampler):
+    """``LengthGroupedSampler`` whose generator draws every epoch's order even when a run starts in a later epoch:
+    Trainer calls ``set_epoch(e)`` before each epoch, and a run resumed from a checkpoint in epoch e first draws the
+    orders of the epochs before it, so that epoch e gets the order an uninterrupted run gave it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.drawn = 0  # epoch orders drawn from the generator so far
+
+    def __iter__(self):
+        self.drawn += 1
+        return super().__iter__()
+
+    def set_epoch(self, epoch: int) -> None:
+        while self.drawn < epoch:
+            get_length_grouped_indices(self.lengths, self.batch_size, generator=self.generator)
+            self.drawn += 1

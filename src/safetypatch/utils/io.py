@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +47,15 @@ class OutputLog:
     Attributes:
         started: every output path the command checked or opened (absolute).
         written: the ones moved into place, complete.
+        notes: what an interruption message should advise instead of running the command again, each asked when
+            the message is written (None: nothing), e.g. to resume from a training checkpoint
+            (:func:`note_if_interrupted`).
     """
 
     def __init__(self) -> None:
         self.started: list[Path] = []
         self.written: list[Path] = []
+        self.notes: list[Callable[[], str | None]] = []
 
     def unfinished(self) -> list[Path]:
         """The outputs started and not moved into place: nothing of them is at their path (an older output that
@@ -72,6 +76,12 @@ def tracking_outputs(log: OutputLog | None = None) -> Iterator[OutputLog]:
         yield log
     finally:
         _TRACKED.remove(log)
+
+
+def note_if_interrupted(note: Callable[[], str | None]) -> None:
+    """Have an interruption message of the commands being tracked also say ``note()`` (see :class:`OutputLog`)."""
+    for log in _TRACKED:
+        log.notes.append(note)
 
 
 def _track(path: Path, *, written: bool) -> None:
@@ -229,6 +239,20 @@ def atomic_path(path: Path, overwrite: bool = False, *, cache: bool = False) -> 
         _move_into_place(target, path, overwrite=overwrite, folder=None if cache else is_folder)
         if not cache:
             _track(path, written=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def discard_output(path: Path) -> None:
+    """Remove the output folder ``path`` (nothing when it is missing) so that no half-removed folder is ever seen
+    there: it is renamed into a temporary sibling first, which the next run that writes ``path`` removes
+    (:func:`recover_interrupted`) if this one is killed."""
+    path = _absolute(path)
+    if not os.path.lexists(path):
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+    try:
+        os.replace(path, tmp / path.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
