@@ -97,6 +97,7 @@ def test_the_checkpoint_folder_keeps_runs_apart(tmp_path):
         again.bind({"r": 8, "seed": 0}, "abd")
     again.bind({"r": 8, "seed": 0}, "abc")
     assert again.trainer_settings().resume_from == folder / "checkpoint-2"
+    assert not (folder / "checkpoint-4").exists()  # the one killed mid-save is gone: Trainer would keep it
 
     TrainCheckpoints(output, every=2, resume=False, overwrite=True)  # starting over removes them
     assert not folder.exists()

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,9 +109,15 @@ class TrainCheckpoints:
                     f"{self.folder} holds the training checkpoints of an earlier run of {output} that did not finish. "
                     "Pass --resume (TrainConfig.resume) to continue from the last one, or --overwrite to start over "
                     "(they are removed).")
-            if not resume:
+            if not resume and is_main_process():
                 discard_output(self.folder)
         self.last = last_checkpoint(self.folder) if resume else None
+        if self.last is not None and is_main_process():
+            # A checkpoint killed mid-save has a higher step; Trainer keeps the highest-numbered one, so it could
+            # outlive the complete ones this run saves.
+            for entry in self.folder.glob("checkpoint-*"):
+                if entry != self.last[1] and entry.is_dir():
+                    shutil.rmtree(entry)
         if resume and self.last is None:
             logger.warning("no complete checkpoint in %s to resume from; training from the first step", self.folder)
         elif self.last is not None:
