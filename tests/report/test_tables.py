@@ -150,3 +150,16 @@ def test_summary_splits_in_family_development_and_out_of_family_tasks(tmp_path):
     assert run.harmful_refusal_out.sources == (("advbench-future", "refusal_rate"), ("strongreject", "refusal_rate"))
     assert (run.over_refusal.value, run.over_refusal_out.value, run.over_refusal_dev) == (0.125, 0.5, None)
     assert "refusal, out-of-family 37.5%" in run.sentence()
+
+
+def test_write_markdown_holds_the_summary_and_every_metric(before_after, tmp_path):
+    from safetypatch.errors import OutputExistsError
+    from safetypatch.report import write_markdown
+
+    out = write_markdown(before_after, tmp_path / "runs.md", labels=["before", "after"])
+    text = out.read_text()
+    summary, metrics = text.split("## Every metric")
+    assert summary.startswith("## Summary") and "| after | 95.0% (n=100) (Δ +90.0 pp) |" in summary
+    assert f"| harmbench | refusal_rate ↑ | {JUDGE} | 5.0% ± 4.0 (n=100) |" in metrics
+    with pytest.raises(OutputExistsError):
+        write_markdown(before_after, out)

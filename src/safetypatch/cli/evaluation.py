@@ -150,11 +150,15 @@ def report(
     out_path: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path("report.html"),
     labels: Annotated[str | None, typer.Option(help="Comma-separated labels, one per results file.")] = None,
     title: Annotated[str, typer.Option(help="Page title.")] = "safetypatch report",
+    markdown: Annotated[Path | None, typer.Option(
+        help="Also write the summary and metric tables as Markdown to this file.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report.")] = False,
 ) -> None:
     """Render results files (and subspace analyses) as one HTML page with tables, plots and protocols."""
-    from safetypatch.report import write_report
+    from safetypatch.report import write_markdown, write_report
 
     path = write_report(results or [], out_path, labels=split(labels), title=title, overwrite=overwrite,
                         analyses=analysis or [])
     console.print(f"[green]wrote[/] {path}")
+    if markdown is not None:
+        console.print(f"[green]wrote[/] {write_markdown(results or [], markdown, split(labels), overwrite)}")

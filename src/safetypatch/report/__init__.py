@@ -28,7 +28,7 @@ from safetypatch.report.tables import ComparisonTable, compare, run_label
 from safetypatch.utils.io import atomic_write_text, ensure_writable
 
 __all__ = ["ComparisonTable", "RunSummary", "Summary", "analysis_figures", "bar_chart", "compare", "render_html",
-           "run_label", "scatter_plot", "summarize", "write_png", "write_report"]
+           "run_label", "scatter_plot", "summarize", "write_markdown", "write_png", "write_report"]
 
 
 def write_report(result_paths: Sequence[Path | str], out: Path | str, labels: Sequence[str] | None = None,
@@ -59,3 +59,29 @@ def write_report(result_paths: Sequence[Path | str], out: Path | str, labels: Se
     documents = [read_analysis(path) for path in analyses]
     html = render_html(results, None if labels is None else list(labels), title, documents)
     return atomic_write_text(out, html, overwrite)
+
+
+def write_markdown(result_paths: Sequence[Path | str], out: Path | str, labels: Sequence[str] | None = None,
+                   overwrite: bool = False) -> Path:
+    """Write the report's two tables as Markdown (for docs and pull requests): the summary (one row per run, the
+    in-family, development and out-of-family safety families apart) and every metric side by side.
+
+    Args:
+        result_paths: ``results_<timestamp>.json`` files; the first is the "before" that deltas are taken against.
+        out: the Markdown file to write.
+        labels: display labels, one per file.
+        overwrite: replace an existing ``out`` instead of refusing.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        OutputExistsError: ``out`` exists and ``overwrite`` is false (checked before anything is read).
+        DataError: a results file is missing or malformed.
+        ConfigError: no results, or labels of the wrong count or with repeats.
+    """
+    out = Path(out)
+    ensure_writable(out, overwrite, folder=False)
+    table = compare([read_results(path) for path in result_paths], None if labels is None else list(labels))
+    text = f"## Summary\n\n{summarize(table).to_markdown()}\n## Every metric\n\n{table.to_markdown()}"
+    return atomic_write_text(out, text, overwrite)
