@@ -45,8 +45,7 @@ _CONTEXTUAL = "contextual"
 class RestoreJob(StrictConfig):
     """Options of ``safetypatch restore``: which method repairs which models, and where the result goes."""
 
-    method: str = Field("lssf", description="Restoration method: lssf, resta, safe_lora or lox "
-                                            "(docs/methods.md §3.4–§3.7).")
+    method: str = Field("lssf", description="Restoration method (docs/methods.md §3.4–§3.7).")
     params: dict[str, Any] = Field(
         default_factory=dict, description="The method's own settings, validated by its config class (e.g. "
         "eta, alpha for lssf; beta for resta; threshold for safe_lora; k, coef for lox).")

@@ -216,15 +216,20 @@ class Preset(StrictConfig):
     judges: list[str] = Field(description="Judges applied to every safety task.")
 
 
+def preset_names() -> list[str]:
+    """The evaluation presets shipped in ``eval/presets/``, sorted."""
+    folder = resources.files("safetypatch.eval") / "presets"
+    return sorted(e.name.removesuffix(".yaml") for e in folder.iterdir() if e.name.endswith(".yaml"))
+
+
 def load_preset(name: str) -> Preset:
-    """Read preset ``name`` (``quick`` or ``full``).
+    """Read preset ``name`` (one of :func:`preset_names`).
 
     Raises:
         ConfigError: unknown preset (the available ones are listed) or an invalid file.
     """
-    folder = resources.files("safetypatch.eval") / "presets"
-    names = sorted(e.name.removesuffix(".yaml") for e in folder.iterdir() if e.name.endswith(".yaml"))
+    names = preset_names()
     if name not in names:
         raise ConfigError(f"unknown preset {name!r}; available: {', '.join(names)}.")
-    return _read_yaml(Preset, folder / f"{name}.yaml")
+    return _read_yaml(Preset, resources.files("safetypatch.eval") / "presets" / f"{name}.yaml")
 
