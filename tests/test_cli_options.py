@@ -19,13 +19,14 @@ from safetypatch.cli import app
 from safetypatch.cli._options import ConfigCommand, config_verb
 
 VERBS: dict[str, type] = {
-    "restore": api.RestoreJob, "extract": api.ExtractJob, "analyze": api.AnalyzeConfig,
+    "eval": api.EvalConfig, "probe": api.ProbeConfig, "restore": api.RestoreJob, "extract": api.ExtractJob,
+    "analyze": api.AnalyzeConfig,
 }
 """Each verb and the config class its options come from."""
 RESPELLED = {("restore", "params"): "--set"}
 """Fields whose option keeps the name it had before the options were generated."""
-SHORT = {("restore", "output"): "-o", ("extract", "output"): "-o", ("analyze", "patch"): "-p",
-         ("analyze", "output_dir"): "-o"}
+SHORT = {("probe", "output_dir"): "-o", ("restore", "output"): "-o", ("extract", "output"): "-o",
+         ("analyze", "patch"): "-p", ("analyze", "output_dir"): "-o"}
 """The short aliases the verbs had before, kept."""
 
 

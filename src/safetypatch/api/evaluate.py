@@ -30,7 +30,8 @@ class EvalConfig(StrictConfig):
     reference_model: str | None = Field(
         None, description="Reference model of the drift task (same tokenizer); the base model when an adapter is set."
     )
-    preset: str = Field("quick", description="Budget preset: quick (CPU minutes) or full.")
+    preset: str = Field("quick", description="Budget preset (eval/presets/<name>.yaml): tasks, row limits, "
+                                             "generation length and judges.")
     tasks: list[str] | None = Field(None, description="Tasks to run instead of the preset's.")
     limit: int | None = Field(None, gt=0, description="Most rows per task (seeded sample), for every task.")
     limits: dict[str, PositiveInt] = Field(

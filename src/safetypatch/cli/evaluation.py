@@ -9,58 +9,17 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from safetypatch.cli._app import (
-    ConfigOpt,
-    app,
-    console,
-    friendly,
-    out,
-    pairs,
-    paths,
-    split,
-    task_bars,
-    whole_names_table,
-)
+from safetypatch.api.evaluate import EvalConfig
+from safetypatch.api.probe import ProbeConfig
+from safetypatch.cli._app import app, console, friendly, out, split, task_bars, whole_names_table
+from safetypatch.cli._options import config_verb, flag
 
 
-@app.command("eval")
-@friendly
-def eval_(
-    config: ConfigOpt = None,
-    model: Annotated[str | None, typer.Option(help="Model: catalog name, folder, .gguf or Hub id.")] = None,
-    revision: Annotated[str | None, typer.Option(help="Hub revision (Hub ids only).")] = None,
-    adapter: Annotated[list[str] | None, typer.Option(
-        help="Safety patch folder to evaluate; repeat or comma-separate for several (combined in ΔW).")] = None,
-    merge_adapter: Annotated[bool | None, typer.Option("--merge-adapter", help="Merge instead of attach.")] = None,
-    merge_scale: Annotated[float | None, typer.Option(help="Merge scale gamma (with --merge-adapter).")] = None,
-    reference_model: Annotated[str | None, typer.Option(help="Reference model of the drift task.")] = None,
-    preset: Annotated[str | None, typer.Option(help="quick (CPU minutes) or full.")] = None,
-    tasks: Annotated[str | None, typer.Option(help="Comma-separated tasks instead of the preset's.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Most rows per task (seeded sample).")] = None,
-    limits: Annotated[list[str] | None, typer.Option(
-        help="Per-task rows, e.g. harmbench=100,arc-easy=200; repeatable.")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Generation length of safety tasks.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Prompts per generation batch.")] = None,
-    mc_batch_size: Annotated[int | None, typer.Option(help="Multiple-choice items per forward.")] = None,
-    judges: Annotated[str | None, typer.Option(help="Comma-separated judges (keyword, embedding, ...).")] = None,
-    system_prompt: Annotated[str | None, typer.Option(help="System turn sent with every prompt.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16.")] = None,
-    backend: Annotated[str | None, typer.Option(help="hf (reference) or vllm (parity-gated, GPU).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of sampling and generation.")] = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Results folder.")] = None,
-    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace existing results.")] = None,
-) -> None:
+@config_verb(EvalConfig, name="eval")
+def eval_(cfg: EvalConfig) -> None:
     """Evaluate safety, over-refusal and capability; write lm-eval-shaped results."""
     from safetypatch import api
-    from safetypatch.config import load_config
 
-    cfg = load_config(api.EvalConfig, config, dict(
-        model=model, revision=revision, adapter=paths(adapter), merge_adapter=merge_adapter, merge_scale=merge_scale,
-        reference_model=reference_model,
-        preset=preset, tasks=split(tasks), limit=limit, limits=pairs(limits), max_new_tokens=max_new_tokens,
-        batch_size=batch_size, mc_batch_size=mc_batch_size, judges=split(judges),
-        system_prompt=system_prompt, dtype=dtype, backend=backend, seed=seed, output_dir=output_dir,
-        overwrite=overwrite))
     console.print(f"[bold]safetypatch eval[/] {cfg.model}, preset {cfg.preset}")
     with task_bars() as report:
         result = api.evaluate(cfg, progress=report)
@@ -71,42 +30,11 @@ def eval_(
     console.print(f"[green]done[/] in {result.seconds / 60:.1f} min: {result.path}")
 
 
-@app.command()
-@friendly
-def probe(
-    config: ConfigOpt = None,
-    model: Annotated[str | None, typer.Option(help="Model probed (unpatched): catalog name, folder, Hub id.")] = None,
-    revision: Annotated[str | None, typer.Option(help="Hub revision (Hub ids only).")] = None,
-    harmful: Annotated[str | None, typer.Option(help="Comma-separated harmful sets (train halves, label 1).")] = None,
-    benign: Annotated[str | None, typer.Option(help="Comma-separated benign sets (train halves, label 0).")] = None,
-    n_train: Annotated[int | None, typer.Option(help="Most training prompts per set.")] = None,
-    tasks: Annotated[str | None, typer.Option(help="Comma-separated held-out safety tasks.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Most rows per task (seeded sample, as eval draws it).")] = None,
-    limits: Annotated[list[str] | None, typer.Option(
-        help="Per-task rows, e.g. harmbench=100,xstest-safe=60; repeatable.")] = None,
-    layers: Annotated[str | None, typer.Option(help="Comma-separated decoder blocks to try (default all).")] = None,
-    folds: Annotated[int | None, typer.Option(help="k of the cross-validation choosing the layer.")] = None,
-    l2: Annotated[float | None, typer.Option(help="L2 weight of the logistic regression.")] = None,
-    balanced: Annotated[bool | None, typer.Option("--balanced/--no-balanced",
-                                                  help="Weigh the two labels equally.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the folds.")] = None,
-    row_seed: Annotated[int | None, typer.Option(help="Held-out rows' seed (default: results', else --seed).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Prompts per forward pass.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16.")] = None,
-    results: Annotated[Path | None, typer.Option(help="Eval results folder (or file) of the patch.")] = None,
-    judge: Annotated[str | None, typer.Option(help="Judge of --results (default its headline judge).")] = None,
-    output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o", help="probe.json + samples.jsonl.")] = None,
-    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace an existing output folder.")] = None,
-) -> None:
+@config_verb(ProbeConfig, flags={"output_dir": flag("--output-dir", "-o")})
+def probe(cfg: ProbeConfig) -> None:
     """The linear-probe ceiling: how well the model's own hidden states flag the held-out harmful prompts."""
     from safetypatch import api
-    from safetypatch.config import load_config
 
-    cfg = load_config(api.ProbeConfig, config, dict(
-        model=model, revision=revision, harmful=split(harmful), benign=split(benign), n_train=n_train,
-        tasks=split(tasks), limit=limit, limits=pairs(limits), layers=split(layers), folds=folds, l2=l2,
-        balanced=balanced, seed=seed, row_seed=row_seed, batch_size=batch_size, dtype=dtype, results=results,
-        judge=judge, output_dir=output_dir, overwrite=overwrite))
     console.print(f"[bold]safetypatch probe[/] {cfg.model} -> {cfg.output_dir}")
     with task_bars() as report:
         result = api.probe(cfg, progress=report)
