@@ -6,6 +6,7 @@ from safetypatch.api.analyze import AnalyzeConfig, AnalyzeResult, analyze
 from safetypatch.api.apply import AppliedModel, ApplyConfig, apply_patch
 from safetypatch.api.demo import DemoConfig, DemoResult, demo
 from safetypatch.api.evaluate import EvalConfig, EvalResult, evaluate
+from safetypatch.api.export import ExportConfig, ExportResult, export
 from safetypatch.api.extract import ExtractJob, ExtractResult, extract
 from safetypatch.api.finetune import FinetuneConfig, FinetuneResult, finetune
 from safetypatch.api.probe import ProbeConfig, ProbeResult, probe, read_probe
@@ -17,10 +18,10 @@ from safetypatch.models.resolve import CatalogEntry, list_catalog
 
 __all__ = [
     "AnalyzeConfig", "AnalyzeResult", "AppliedModel", "ApplyConfig", "DemoConfig", "DemoResult", "EvalConfig",
-    "EvalResult", "ExtractJob", "ExtractResult", "FinetuneConfig", "FinetuneResult", "ProbeConfig", "ProbeResult",
-    "RestoreJob", "RestoreResult", "TrainConfig", "TrainPatchResult", "analyze", "apply_patch", "demo", "evaluate",
-    "extract", "finetune", "list_datasets", "list_models", "list_tasks", "load_dataset", "load_model", "probe",
-    "read_probe", "restore", "train_patch",
+    "EvalResult", "ExportConfig", "ExportResult", "ExtractJob", "ExtractResult", "FinetuneConfig", "FinetuneResult",
+    "ProbeConfig", "ProbeResult", "RestoreJob", "RestoreResult", "TrainConfig", "TrainPatchResult", "analyze",
+    "apply_patch", "demo", "evaluate", "export", "extract", "finetune", "list_datasets", "list_models", "list_tasks",
+    "load_dataset", "load_model", "probe", "read_probe", "restore", "train_patch",
 ]
 
 

@@ -67,9 +67,7 @@ class ApplyConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> ApplyConfig:
-        if self.weights is not None and len(self.weights) != len(self.patches):
-            raise ConfigError(f"ApplyConfig: {len(self.patches)} patches but {len(self.weights)} weights; give one "
-                              "weight per patch, in the same order.")
+        check_weights(self, self.patches, self.weights)
         ignored = sorted({"reduce_side", "reduce_retention"} & self.model_fields_set)
         if ignored and self.reduce_k == 0:
             raise ConfigError(f"ApplyConfig: {', '.join(ignored)} set but reduce_k is 0, so nothing would be "
@@ -87,6 +85,17 @@ class ApplyConfig(StrictConfig):
         if self.reduce_k == 0:
             return None
         return OverlapReduction(k=self.reduce_k, side=self.reduce_side, retention=self.reduce_retention)
+
+
+def check_weights(config: StrictConfig, patches: Sequence[Path], weights: Sequence[float] | None) -> None:
+    """Refuse a weight list whose length is not the number of patch folders (``config`` names the option set).
+
+    Raises:
+        ConfigError: naming both counts.
+    """
+    if weights is not None and len(weights) != len(patches):
+        raise ConfigError(f"{type(config).__name__}: {len(patches)} patches but {len(weights)} weights; give one "
+                          "weight per patch, in the same order.")
 
 
 @dataclass(frozen=True)
@@ -191,25 +200,57 @@ def apply_patch_folders(
         PatchError: a folder is not a readable LoRA adapter, the patches disagree on a module's shape, ΔW is zero,
             the merge self-test fails, or the patch does not change the model's logits.
     """
-    from safetypatch.patch import attach_patch, combine_patches, load_patch, merge_patch
-    from safetypatch.patch.artifact import MANIFEST
+    from safetypatch.patch import attach_patch, merge_patch
 
     if mode == "attach" and (scale != 1.0 or reduction is not None):
         raise ConfigError(f"scale={scale} and overlap reduction act on merged weights; use mode 'merge' (to attach "
                           "a scaled patch, give it a weight instead).")
-    patches = [load_patch(Path(folder)) for folder in folders]
+    loaded = load_patch_folders(folders, weights)
+    if mode == "merge":
+        result = merge_patch(model, loaded.patch, gamma=scale, reduction=reduction, fingerprint=fingerprint)
+    else:
+        result = attach_patch(model, loaded.patch, fingerprint=fingerprint)
+    return AppliedPatches(result, loaded.patch, loaded.sources, loaded.weights, loaded.combination)
+
+
+@dataclass(frozen=True)
+class LoadedPatches:
+    """Patch folders read and combined (see :func:`load_patch_folders`).
+
+    Attributes:
+        patch: the single input, or the exact linear combination of all of them.
+        patches: each folder's patch, in the order given.
+        sources: the folders, in the same order.
+        weights: w_i per folder, or None (all 1).
+        combination: ``linear`` when several folders (or weights) were combined, else None.
+    """
+
+    patch: Patch
+    patches: tuple[Patch, ...]
+    sources: tuple[PatchSource, ...]
+    weights: tuple[float, ...] | None
+    combination: str | None
+
+
+def load_patch_folders(folders: Sequence[Path], weights: Sequence[float] | None = None) -> LoadedPatches:
+    """Load patch folders and combine several exactly in ΔW space (``linear``: ΔW = Σ_i w_i s_i B_i A_i).
+
+    Raises:
+        ConfigError: no folder, or a weight count mismatch.
+        PatchError: a folder is not a readable LoRA adapter, or the patches disagree on a module's shape.
+    """
+    from safetypatch.patch import combine_patches, load_patch
+    from safetypatch.patch.artifact import MANIFEST
+
+    patches = tuple(load_patch(Path(folder)) for folder in folders)
     weights = tuple(float(w) for w in weights) if weights is not None else None
     combination = None if len(patches) == 1 and weights in (None, (1.0,)) else "linear"
     patch = patches[0] if combination is None else combine_patches(patches, weights, method="linear").patch
-    if mode == "merge":
-        result = merge_patch(model, patch, gamma=scale, reduction=reduction, fingerprint=fingerprint)
-    else:
-        result = attach_patch(model, patch, fingerprint=fingerprint)
     sources = tuple(
         PatchSource(p.folder, sha256_file(p.folder / MANIFEST) if (p.folder / MANIFEST).is_file() else None, p.rank)
         for p in patches
     )
-    return AppliedPatches(result, patch, sources, weights, combination)
+    return LoadedPatches(patch, patches, sources, weights, combination)
 
 
 def apply_patch(config: ApplyConfig) -> AppliedModel:

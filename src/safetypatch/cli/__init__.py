@@ -2,17 +2,17 @@
 
 Each verb module registers its commands on the one typer ``app`` when imported (``catalog``: models, data, env,
 ls; ``patches``: demo, train, finetune, apply; ``evaluation``: eval, report; ``weights``: restore, extract,
-analyze).
+analyze; ``export``: export).
 """
 
 from __future__ import annotations
 
 import signal
 
-from safetypatch.cli import catalog, evaluation, patches, weights
+from safetypatch.cli import catalog, evaluation, export, patches, weights
 from safetypatch.cli._app import UNEXPECTED_EXIT, app, report_unexpected
 
-__all__ = ["app", "catalog", "evaluation", "main", "patches", "weights"]
+__all__ = ["app", "catalog", "evaluation", "export", "main", "patches", "weights"]
 
 
 def main() -> None:

