@@ -19,14 +19,18 @@ from safetypatch.cli import app
 from safetypatch.cli._options import ConfigCommand, config_verb
 
 VERBS: dict[str, type] = {
+    "demo": api.DemoConfig, "train": api.TrainConfig, "finetune": api.FinetuneConfig, "apply": api.ApplyConfig,
     "eval": api.EvalConfig, "probe": api.ProbeConfig, "restore": api.RestoreJob, "extract": api.ExtractJob,
     "analyze": api.AnalyzeConfig,
 }
 """Each verb and the config class its options come from."""
-RESPELLED = {("restore", "params"): "--set"}
+RESPELLED = {("demo", "recipe_overrides"): "--set", ("train", "recipe_overrides"): "--set",
+             ("finetune", "recipe_overrides"): "--set", ("apply", "patches"): "--patch",
+             ("restore", "params"): "--set"}
 """Fields whose option keeps the name it had before the options were generated."""
-SHORT = {("probe", "output_dir"): "-o", ("restore", "output"): "-o", ("extract", "output"): "-o",
-         ("analyze", "patch"): "-p", ("analyze", "output_dir"): "-o"}
+SHORT = {("train", "output"): "-o", ("finetune", "output"): "-o", ("apply", "output"): "-o",
+         ("apply", "patches"): "-p", ("probe", "output_dir"): "-o", ("restore", "output"): "-o",
+         ("extract", "output"): "-o", ("analyze", "patch"): "-p", ("analyze", "output_dir"): "-o"}
 """The short aliases the verbs had before, kept."""
 
 

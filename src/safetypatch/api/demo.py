@@ -40,15 +40,17 @@ class DemoConfig(StrictConfig):
     """Options of ``safetypatch demo``; the patch is trained with ``safetypatch train``'s defaults."""
 
     model: str = Field(DEFAULT_MODEL, description="Model to patch: catalog name, local folder, .gguf or Hub id.")
-    recipe: str = Field("mou", description="Recipe preset of the patch (mou, xue) or a Xue mode string.")
-    recipe_overrides: dict[str, Any] = Field(default_factory=dict, description="PatchRecipe fields that win.")
+    recipe: str = Field("mou", description="Recipe preset of the patch or a Xue mode string such as "
+                                           "lora_mlp_r8.")
+    recipe_overrides: dict[str, Any] = Field(default_factory=dict, description="PatchRecipe fields that win over the "
+                                                                                "recipe's (e.g. learning_rate, r).")
     budget: Literal["demo", "full"] = Field(
         "demo", description="demo: a smaller patch (40 prompts per harmful set, 160 retain prompts, 1 epoch at lr "
                             "4e-4, no unlikelihood term) so the run ends in under 20 minutes on 2 CPU cores; full: "
                             "safetypatch train's defaults.")
     n_harmful: int | None = Field(None, gt=0, description="Most harmful training prompts per set (budget demo: 40; "
                                                           "full: train's default).")
-    preset: str = Field("demo", description="Evaluation budget preset run before and after (demo, quick, full).")
+    preset: str = Field("demo", description="Evaluation budget preset run before and after.")
     limit: int | None = Field(None, gt=0, description="Most rows per evaluation task, instead of the preset's.")
     output_dir: Path = Field(Path("runs/demo"), description="Folder of the run: before/, patch/, after/, report.html.")
     n_show: int = Field(3, ge=0, description="Harmful and benign answers shown before and after, of each kind.")

@@ -26,8 +26,10 @@ class FinetuneConfig(StrictConfig):
     dataset: str = Field(
         "arith", description="Catalog set with responses (arith, sciq, chat, harmful-qa) or a local data file.")
     n: int | None = Field(None, gt=0, description="Most rows, taken in order from the train half of the split.")
-    recipe: str = Field("mou", description="Hyper-parameter preset (mou, xue) or a Xue mode string.")
-    recipe_overrides: dict[str, Any] = Field(default_factory=dict, description="PatchRecipe fields that win.")
+    recipe: str = Field("mou", description="Hyper-parameter preset or a Xue mode string such as "
+                                           "lora_mlp_r8.")
+    recipe_overrides: dict[str, Any] = Field(default_factory=dict, description="PatchRecipe fields that win over the "
+                                                                                "recipe's (e.g. learning_rate, r).")
     mode: Literal["lora", "full"] = Field("lora", description="lora (merged into the weights) or full fine-tuning.")
     output: Path = Field(Path("runs/finetune"), description="Model folder (weights, tokenizer, finetune.json).")
     overwrite: bool = Field(False, description="Replace an existing model folder.")

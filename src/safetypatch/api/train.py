@@ -42,8 +42,9 @@ class TrainConfig(StrictConfig):
 
     model: str = Field(DEFAULT_MODEL, description="Patch base: catalog name, local folder, .gguf or Hub id.")
     revision: str | None = Field(None, description="Hub revision (Hub ids only).")
-    recipe: str = Field("mou", description="Recipe preset (mou, xue) or a Xue mode string.")
-    recipe_overrides: dict[str, Any] = Field(default_factory=dict, description="PatchRecipe fields that win.")
+    recipe: str = Field("mou", description="Recipe preset or a Xue mode string such as lora_mlp_r8.")
+    recipe_overrides: dict[str, Any] = Field(default_factory=dict, description="PatchRecipe fields that win over the "
+                                                                                "recipe's (e.g. learning_rate, r).")
     full: bool = Field(False, description="Full-parameter Refusal-SFT, the baseline of Mou et al.: sets recipe "
                                           "mode=full and writes a complete model folder.")
     harmful: list[str] = Field(

@@ -38,15 +38,17 @@ class Flag:
     Attributes:
         names: the option's names (``"--output", "-o"``); default ``--<field-name>`` with dashes.
         parse: turns the value typer read into the field's value (None stays None); default by the field's type.
+        note: how the value is spelled, in the help after the description (with ``parse``); default by the type.
     """
 
     names: tuple[str, ...] = ()
     parse: Callable[[Any], Any] | None = None
+    note: str | None = None
 
 
-def flag(*names: str, parse: Callable[[Any], Any] | None = None) -> Flag:
+def flag(*names: str, parse: Callable[[Any], Any] | None = None, note: str | None = None) -> Flag:
     """``flag("--output", "-o")``: a :class:`Flag` with these names."""
-    return Flag(names, parse)
+    return Flag(names, parse, note)
 
 
 def _presets() -> list[str]:
@@ -170,11 +172,12 @@ class _Option:
         else:
             names = (dashed,)
         default = _default_text(info, names)
+        note = shape.note if spelling.note is None else spelling.note
         registry = REGISTRY_FIELDS.get(name)
 
         def help_text(lazy: bool) -> str:
             """The description, how to spell it, its choices (and with ``lazy``, a registry's names), its default."""
-            parts = [escape(info.description or ""), shape.note]
+            parts = [escape(info.description or ""), escape(note)]
             if shape.choices:
                 parts.append(escape(f"[choices: {', '.join(shape.choices)}]"))
             if lazy and registry is not None:
