@@ -114,10 +114,10 @@ def test_the_merged_f32_file_holds_w0_plus_delta_and_the_base_metadata(tiny, arc
         assert values[key] == base_values[key]
     assert values["safetypatch.patch_sha256"] == ["0" * 64]
     assert values["general.file_type"] == gguf.LlamaFileType.ALL_F32
-    assert export.update_lost < 1e-6 and not export.warnings
+    assert export.update_error < 1e-6 and not export.warnings
 
 
-def test_a_merged_q8_0_file_is_w0_plus_delta_on_the_q8_0_grid_with_the_lost_share_reported(tiny, tmp_path):
+def test_a_merged_q8_0_file_is_w0_plus_delta_on_the_q8_0_grid_with_its_error_reported(tiny, tmp_path):
     model, patch = tiny["llama"]["model"], tiny["llama"]["patch"]
     base_path = tiny["llama"]["q8_0"]
     base = read_base_gguf(base_path)
@@ -132,20 +132,20 @@ def test_a_merged_q8_0_file_is_w0_plus_delta_on_the_q8_0_grid_with_the_lost_shar
         np.testing.assert_array_equal(np.asarray(merged[name].data), expected)
     np.testing.assert_array_equal(np.asarray(merged["token_embd.weight"].data),
                                   np.asarray(original["token_embd.weight"].data))  # unpatched: copied
-    assert 0 < export.update_lost < 0.05
-    assert all(0 < m.update_lost < 0.1 for m in export.modules)
+    assert 0 < export.update_error < 0.05
+    assert all(0 < m.update_error < 0.1 for m in export.modules)
     f16 = write_merged(patch, base, tmp_path / "merged-f16.gguf", qtype="f16")
-    assert f16.update_lost < export.update_lost and f16.file_type == "MOSTLY_F16"
+    assert f16.update_error < export.update_error and f16.file_type == "MOSTLY_F16"
     assert all(_tensors(f16.path)[name].tensor_type == gguf.GGMLQuantizationType.F16
                for name in merged if not name.endswith("norm.weight"))
 
 
-def test_a_merge_that_loses_the_update_to_the_grid_is_warned_about(tiny, tmp_path):
+def test_a_merge_whose_rounding_is_as_large_as_the_update_is_warned_about(tiny, tmp_path):
     model = tiny["llama"]["model"]
     patch = random_patch(model, modules=("up_proj",), r=2, alpha=4.0, scale=0.01)
     export = write_merged(patch, read_base_gguf(tiny["llama"]["q8_0"]), tmp_path / "merged.gguf", qtype="q4_1")
-    assert export.update_lost > 0.5
-    assert any("Load the adapter next to the base instead" in w and "Q4_1" in w for w in export.warnings)
+    assert export.update_error > 0.5
+    assert any("Q4_1 rounding" in w and "The adapter next to the base keeps ΔW exactly" in w for w in export.warnings)
 
 
 def test_a_patch_that_does_not_fit_the_base_is_refused_naming_the_tensor(tiny, tmp_path):

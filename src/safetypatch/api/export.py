@@ -95,7 +95,7 @@ class ExportResult:
         base: the base GGUF file the export was made against (the one to load the adapter onto).
         base_check: how the base was matched to the patch base: ``gguf_sha256``, ``fingerprint``, ``other base``
             (accepted with ``allow_other_base``) or ``unchecked`` (the patch records no base).
-        exports: each written file's account (types, per-module share of ΔW lost to a quantised type).
+        exports: each written file's account (types; a merged file's error relative to ΔW per module).
         record: what ``safety_patch_export.json`` holds.
         warnings: what the user should know (also logged).
         seconds: wall time.

@@ -43,6 +43,6 @@ def _exported_table(result: Any) -> Table:
             "modules": f"{record['modules']} (rank {record['rank']})", "base": str(result.base),
             "base is": checks[result.base_check]}
     for item in result.exports:
-        lost = f", {item.update_lost:.2%} of ΔW lost to the type" if item.update_lost is not None else ""
-        rows[item.kind] = f"{result.output / item.path.name} ({item.file_type}{lost})"
+        error = f", off W0 + ΔW by {item.update_error:.2%} of ΔW" if item.update_error is not None else ""
+        rows[item.kind] = f"{result.output / item.path.name} ({item.file_type}{error})"
     return key_value_table("exported", rows)

@@ -15,7 +15,8 @@ q and k, as ``convert_lora_to_gguf.py`` permutes the B factor through ``LoraTorc
 Merged model: every tensor of the base file in its order, the adapted ones replaced by W0 + ΔW in fp32 (W0 the base
 tensor dequantised, ΔW in the file's row order) stored at the chosen type; metadata (tokenizer, chat template,
 hyper-parameters) copied, ``general.file_type`` set, provenance added under ``safetypatch.*``. A quantised type
-keeps only what its grid can hold of ΔW: each module reports the share lost, ‖stored − W0 − ΔW‖ / ‖ΔW‖.
+keeps only what its grid can hold of ΔW: each module reports the error of what is stored relative to the update,
+‖stored − W0 − ΔW‖ / ‖ΔW‖ (about 1 or more: the rounding is as large as the update itself).
 
 Every file is read back (names, types, shapes and the sha256 of each tensor's bytes) before it is returned.
 """
@@ -44,7 +45,7 @@ MERGED_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "b
 """Types of a merged model: each one the ``gguf`` package can quantise to, or ``base``: every adapted tensor at its
 own type in the base file (where ``gguf`` can quantise it) and every other tensor copied as it is."""
 ADAPTER_TYPES = ("f32", "f16")
-UPDATE_LOST_WARN = 0.01  # a merged file that loses this share of ΔW (overall) to its type is warned about
+UPDATE_ERROR_WARN = 0.25  # a merged file whose error relative to ΔW (overall) exceeds this is warned about
 PROVENANCE_PREFIX = "safetypatch."
 _FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
                "Q5_1": "MOSTLY_Q5_1", "Q5_0": "MOSTLY_Q5_0", "Q4_1": "MOSTLY_Q4_1", "Q4_0": "MOSTLY_Q4_0"}
@@ -60,14 +61,15 @@ class ExportedModule:
         tensor: its GGUF tensor (``blk.0.attn_q.weight``).
         type: the GGML type written (of the two factors, or of the merged weight).
         delta_norm: ‖ΔW‖_F.
-        update_lost: merged only: ‖stored − W0 − ΔW‖_F / ‖ΔW‖_F, the share of the update the type did not keep.
+        update_error: merged only: ‖stored − W0 − ΔW‖_F / ‖ΔW‖_F, the type's error relative to the update (0: kept
+            exactly; about 1 or more: the type's rounding is as large as the update itself).
     """
 
     module: str
     tensor: str
     type: str
     delta_norm: float
-    update_lost: float | None = None
+    update_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -91,21 +93,22 @@ class GGUFExport:
     warnings: tuple[str, ...] = ()
 
     @property
-    def update_lost(self) -> float | None:
-        """Merged only: √(Σ lost_i² ‖ΔW_i‖²) / √(Σ ‖ΔW_i‖²), the share of the whole update the type did not keep."""
+    def update_error(self) -> float | None:
+        """Merged only: √(Σ e_i² ‖ΔW_i‖²) / √(Σ ‖ΔW_i‖²) of the modules' errors e_i: the type's error relative to the
+        whole update."""
         if self.kind != "merged":
             return None
         total = sum(m.delta_norm ** 2 for m in self.modules)
-        lost = sum((m.update_lost or 0.0) ** 2 * m.delta_norm ** 2 for m in self.modules)
-        return math.sqrt(lost / total) if total > 0 else 0.0
+        error = sum((m.update_error or 0.0) ** 2 * m.delta_norm ** 2 for m in self.modules)
+        return math.sqrt(error / total) if total > 0 else 0.0
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready account (without the per-module rows' names when there are many)."""
-        worst = max(self.modules, key=lambda m: m.update_lost or 0.0) if self.kind == "merged" else None
+        worst = max(self.modules, key=lambda m: m.update_error or 0.0) if self.kind == "merged" else None
         return {"file": self.path.name, "kind": self.kind, "file_type": self.file_type, "tensors": self.tensors,
                 "modules": len(self.modules), "types": sorted({m.type for m in self.modules}),
-                "update_lost": self.update_lost,
-                "worst_module": None if worst is None else {"tensor": worst.tensor, "update_lost": worst.update_lost},
+                "update_error": self.update_error, "worst_module": None if worst is None else
+                {"tensor": worst.tensor, "update_error": worst.update_error},
                 "warnings": list(self.warnings)}
 
 
@@ -211,7 +214,7 @@ def write_merged(patch: Patch, base: BaseGGUF, path: Path, *, qtype: str = "f16"
         metadata: ``safetypatch.*`` provenance keys, added to the base's metadata.
 
     Returns:
-        The export with each module's lost share of ΔW.
+        The export with each module's error relative to ΔW.
 
     Raises:
         ConfigError: an unknown ``qtype``, or ``base`` where an adapted tensor's type is one ``gguf`` cannot quantise
@@ -233,13 +236,14 @@ def write_merged(patch: Patch, base: BaseGGUF, path: Path, *, qtype: str = "f16"
     values = [*_base_metadata(base), _typed("general.file_type", int(gguf.LlamaFileType[file_type])),
               *(_typed(key, value) for key, value in (metadata or {}).items())]
     _write(path, base, planned, values)
-    lost = GGUFExport(path, "merged", file_type, len(planned), tuple(modules)).update_lost or 0.0
-    if lost > UPDATE_LOST_WARN:
-        worst = max(modules, key=lambda m: m.update_lost or 0.0)
+    error = GGUFExport(path, "merged", file_type, len(planned), tuple(modules)).update_error or 0.0
+    if error > UPDATE_ERROR_WARN:
+        worst = max(modules, key=lambda m: m.update_error or 0.0)
         types = "/".join(sorted({m.type for m in modules}))
-        warnings.append(f"the merged model keeps {1 - lost:.0%} of the patch's update: {lost:.0%} of ΔW is lost to "
-                        f"the {types} grid (worst tensor {worst.tensor}, {worst.update_lost:.0%}). Load the adapter "
-                        "next to the base instead, or merge at --type q8_0 or f16.")
+        warnings.append(f"the merged weights differ from W0 + ΔW by {error:.0%} of ΔW's norm ({types} rounding; worst "
+                        f"tensor {worst.tensor}, {worst.update_error:.0%}): rounding of this size can change what the "
+                        "patch does. The adapter next to the base keeps ΔW exactly; bench/llama_cpp_check.py "
+                        "measures a merged file's answers.")
         logger.warning(warnings[-1])
     return GGUFExport(path, "merged", file_type, len(planned), tuple(modules), tuple(warnings))
 
@@ -265,8 +269,8 @@ def _plan_merged(patch: Patch, base: BaseGGUF, module: str, name: str, target: A
         data = gguf.quants.quantize(original + delta, qtype)
         stored = np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32).reshape(original.shape)
         norm = float(np.linalg.norm(delta))
-        lost = float(np.linalg.norm(stored - original - delta)) / norm if norm > 0 else 0.0
-        modules.append(ExportedModule(module, name, qtype.name, norm, lost))
+        error = float(np.linalg.norm(stored - original - delta)) / norm if norm > 0 else 0.0
+        modules.append(ExportedModule(module, name, qtype.name, norm, error))
         return data
 
     return _planned(name, base.shape(name), qtype, make)
