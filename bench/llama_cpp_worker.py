@@ -1,0 +1,102 @@
+"""llama.cpp's side of ``bench/llama_cpp_check.py``, run by the interpreter of the virtual environment that check
+builds llama-cpp-python into: ``python bench/llama_cpp_worker.py JOB.json``.
+
+It needs only the standard library, numpy and ``llama_cpp`` (imported when a job runs), never safetypatch or torch.
+The job (JSON) names the variants, each a model GGUF with an optional LoRA adapter GGUF, and gives token ids, so
+that tokenisation is not part of the comparison:
+
+- ``prompts``: answered greedily (top-k 1, temperature 0, no penalties), at most ``max_new_tokens`` tokens, stopping
+  at a token of ``stop`` (not included);
+- ``probe``: evaluated once each; the log-probabilities of the next token at every position are kept.
+
+Per variant it writes ``<out>/<name>.json`` (answers, seconds, llama-cpp-python version) and ``<out>/<name>.npz``
+(one float32 array [positions, vocabulary] per probe prompt, ``arr_0``, ``arr_1``, ...).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+
+def log_softmax(logits: Any) -> Any:
+    """Row-wise log-softmax of a [positions, vocabulary] array, in float64, returned as float32."""
+    import numpy as np
+
+    values = np.asarray(logits, dtype=np.float64)
+    shifted = values - values.max(axis=-1, keepdims=True)
+    return (shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))).astype(np.float32)
+
+
+def greedy(llm: Any, prompt: list[int], max_new_tokens: int, stop: Iterable[int]) -> list[int]:
+    """The greedy continuation of ``prompt`` (the stop token left out)."""
+    stop = set(stop)
+    answer: list[int] = []
+    if max_new_tokens <= 0:
+        return answer
+    for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        if int(token) in stop:
+            break
+        answer.append(int(token))
+        if len(answer) >= max_new_tokens:
+            break
+    return answer
+
+
+def next_token_logprobs(llm: Any, prompt: list[int]) -> Any:
+    """Log-probabilities of the next token after every prefix of ``prompt``: [len(prompt), vocabulary]."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(prompt)
+    return log_softmax(np.asarray(llm.scores[: len(prompt)]))
+
+
+def run_job(job: dict[str, Any], llama: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """Run every variant of ``job`` and write its files; returns {variant name: its JSON record}.
+
+    Args:
+        job: ``variants`` ([{name, model, lora}]), ``prompts``, ``probe``, ``max_new_tokens``, ``stop``, ``n_ctx``,
+            ``threads``, ``n_gpu_layers`` and ``out`` (a folder).
+        llama: the model class (default ``llama_cpp.Llama``; tests pass a stand-in).
+    """
+    import numpy as np
+
+    module = importlib.import_module("llama_cpp") if llama is None else None
+    llama = module.Llama if module is not None else llama
+    version = getattr(module, "__version__", "stand-in")
+    out = Path(job["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    records = {}
+    for variant in job["variants"]:
+        start = time.perf_counter()
+        options: dict[str, Any] = {"model_path": variant["model"], "n_ctx": job["n_ctx"], "logits_all": True,
+                                   "n_threads": job["threads"], "n_gpu_layers": job["n_gpu_layers"], "seed": 0,
+                                   "verbose": False}
+        if variant.get("lora"):
+            options.update(lora_path=variant["lora"], lora_scale=1.0)
+        llm = llama(**options)
+        answers = [greedy(llm, prompt, job["max_new_tokens"], job["stop"]) for prompt in job["prompts"]]
+        np.savez(out / f"{variant['name']}.npz", *[next_token_logprobs(llm, prompt) for prompt in job["probe"]])
+        records[variant["name"]] = {"answers": answers, "seconds": time.perf_counter() - start,
+                                    "llama_cpp_python": version, "model": variant["model"],
+                                    "lora": variant.get("lora")}
+        (out / f"{variant['name']}.json").write_text(json.dumps(records[variant["name"]]) + "\n")
+        del llm
+    return records
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python bench/llama_cpp_worker.py JOB.json")
+    run_job(json.loads(Path(args[0]).read_text()))
+
+
+if __name__ == "__main__":
+    main()
