@@ -131,3 +131,14 @@ def test_the_export_verb_is_built_from_export_config():
 
     command = typer.main.get_command(app).commands["export"]  # type: ignore[attr-defined]
     assert command.config_class is api.ExportConfig
+
+
+def test_a_patch_whose_base_has_no_gguf_file_asks_for_one(tmp_path):
+    model, _ = build_tiny_model("llama")
+    folder = tmp_path / "hf-patch"
+    save_patch(random_patch(model), folder, PatchManifest(method="test", base_model={"model": "org/some-model"}),
+               model=model)
+    with pytest.raises(ConfigError, match=r"base of patch .*hf-patch is 'org/some-model'.*Give that model's GGUF file "
+                                          r"with --base \(convert_hf_to_gguf\.py"):
+        api.export(api.ExportConfig(patches=[folder], output=tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
