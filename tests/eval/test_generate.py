@@ -13,7 +13,16 @@ from pydantic import ValidationError
 
 from safetypatch.errors import ConfigError, DataError
 from safetypatch.eval.backends.vllm import ParityReport, generate_vllm, load_vllm, parity_check
-from safetypatch.eval.generate import Generation, GenerationProtocol, generate_chat, render_prompt, stop_token_ids
+from safetypatch.eval.generate import (
+    Generation,
+    GenerationProtocol,
+    encode_prompt,
+    generate_chat,
+    generation_batches,
+    length_groups,
+    render_prompt,
+    stop_token_ids,
+)
 from tests.tiny import ARCHS, build_tiny_model
 
 PROMPTS = ["hi", "tell me a story about a cat", "2+2?", "a" * 30, "why is the sky blue"]
@@ -46,6 +55,42 @@ def test_batched_greedy_equals_unpadded_single(arch):
     for prompt, gen in zip(PROMPTS, batched, strict=True):
         assert list(gen.token_ids) == direct_greedy(model, tok, prompt)
         assert gen.n_new_tokens == len(gen.token_ids)
+
+
+# A long tail of prompt lengths, as in HarmBench (contextual behaviours): one batch of 8 that length groups split.
+TAILED = ["hi", "2+2?", "why is the sky blue", "a cat", "tell me a story about a cat", "b" * 90,
+          "summarise this: " + "lorem ipsum " * 30, "c" * 240]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_length_groups_keep_every_answer(arch):
+    """Length groups change which rows share a forward, never a greedy token: both batchings equal unpadded
+    batch-size-1 generation (and so each other) token for token."""
+    model, tok = build_tiny_model(arch)
+    grouped = protocol(batch_size=8, max_new_tokens=12)
+    lengths = [len(encode_prompt(tok, render_prompt(tok, p, grouped), grouped)) for p in TAILED]
+    assert len(generation_batches(lengths, 8)) == 1
+    assert len(length_groups(sorted(lengths, reverse=True), 12)) >= 3  # the batch is split, not generated whole
+    new = generate_chat(model, tok, TAILED, grouped)
+    old = generate_chat(model, tok, TAILED, grouped.model_copy(update={"length_groups": False}))
+    assert [g.token_ids for g in new] == [g.token_ids for g in old]
+    assert [(g.response, g.finish_reason) for g in new] == [(g.response, g.finish_reason) for g in old]
+    for prompt, gen in zip(TAILED, new, strict=True):
+        assert list(gen.token_ids) == direct_greedy(model, tok, prompt, max_new_tokens=12)
+
+
+def test_length_groups_split_a_long_tail_and_keep_similar_lengths_whole():
+    harmbench_head = [1025, 994, 814, 719, 717, 652, 599, 533, 499, 430, 411, 280, 263, 122] + [64] + [52] * 49
+    sizes = length_groups(harmbench_head, 48)
+    assert sum(sizes) == 64 and len(sizes) > 2
+    assert sizes[-1] >= 49 and harmbench_head[64 - sizes[-1]] <= 122  # the short prompts are not padded to 1025
+    assert length_groups([59, 55] + [45] * 62, 48) == [64]
+    assert length_groups([46] * 30 + [41] * 34, 48) == [64]
+    assert length_groups([800] + [10] * 16, 48) == [1, 16]
+    assert length_groups([300, 10], 0) == [1, 1] and length_groups([300, 290], 48) == [2]
+    assert length_groups([], 48) == []
+    with pytest.raises(ValueError, match="longest first"):
+        length_groups([10, 300], 48)
 
 
 def test_stops_at_generation_config_eos_and_drops_padding():
@@ -106,7 +151,8 @@ def test_protocol_validation_and_record():
     p = protocol()
     assert p.to_dict() == {
         "max_new_tokens": 10, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-        "system_prompt": None, "template": "chat", "batch_size": 64, "seed": 0, "dtype": "float32",
+        "system_prompt": None, "template": "chat", "batch_size": 64, "length_groups": True, "seed": 0,
+        "dtype": "float32",
     }
     with pytest.raises(ConfigError, match="temperature"):
         protocol(temperature=0.7)

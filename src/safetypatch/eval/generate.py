@@ -1,9 +1,17 @@
 """Pinned chat generation with HF transformers, the reference backend (docs/methods.md §4.4).
 
 Prompts are rendered with the evaluated model's own chat template (``add_generation_prompt=True``, a system turn
-only when configured), sorted by token length into left-padded batches to cut padding waste, generated under one
-frozen :class:`GenerationProtocol`, and returned in the caller's order with per-sample bookkeeping (templated prompt
-hash, token count, finish reason) for the per-sample results (§4.5).
+only when configured), sorted by token length into blocks of ``batch_size``, each block split into left-padded
+groups of similar length (:func:`length_groups`), generated under one frozen :class:`GenerationProtocol`, and
+returned in the caller's order with per-sample bookkeeping (templated prompt hash, token count, finish reason) for the
+per-sample results (§4.5).
+
+Why groups: a block is padded to its longest prompt, and prompt lengths can have a long tail (HarmBench's contextual
+behaviours run to 1,000 tokens while most prompts have about 50), so the first block of a length-sorted set can cost
+more than all the others together. Splitting a block only where its lengths spread leaves blocks of similar lengths
+whole: their rows are computed exactly as before. Rows of a split block are computed with less padding, which
+changes their logits in the last bits (about 1e-5, as any change of batch composition does), not, in every check
+so far, their greedy tokens (docs/performance.md, *Evaluation wall time*).
 """
 
 from __future__ import annotations
@@ -50,6 +58,9 @@ class GenerationProtocol(BaseModel):
         batch_size: prompts per generation batch; on a 2-core CPU (SmolLM2-135M, fp32) 64 generates about twice as
             fast as 8 and 1.3× as fast as 16 (128 is no faster), and greedy fp32 tokens matched batch-size-1
             generation in every check.
+        length_groups: split each length-sorted batch where prompt lengths spread (:func:`length_groups`), so that
+            a few long prompts do not pad a whole batch; ``False`` generates every batch whole (the batching of
+            results written before this field existed).
         seed: torch seed set before generating (sampling presets; harmless for greedy).
         dtype: dtype the weights must be in (``bfloat16`` per §4.4; ``float32`` on CPUs without bf16).
     """
@@ -65,6 +76,8 @@ class GenerationProtocol(BaseModel):
     template: Literal["chat", "none"] = Field("chat", description="'chat': the model's chat template; 'none': raw.")
     batch_size: int = Field(64, gt=0, description="Prompts per generation batch (64: fastest of 8/16/32/64/128 on 2 "
                                                   "CPU cores).")
+    length_groups: bool = Field(True, description="Split each batch into groups of similar prompt length (less "
+                                                  "padding); False pads the whole batch to its longest prompt.")
     seed: int = Field(0, description="torch seed set before generating.")
     dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Dtype the weights must have.")
 
@@ -175,16 +188,18 @@ def generate_chat(
 ) -> list[Generation]:
     """Generate one response per prompt under the pinned protocol (docs/methods.md §4.4).
 
-    Prompts are sorted by token length (longest first) into batches of ``protocol.batch_size``, left-padded by hand
-    (the tokenizer is never modified), and results come back in the order of ``prompts``. Greedy fp32 results equal
-    batch-size-1 generation.
+    Prompts are sorted by token length (longest first) into batches of ``protocol.batch_size``
+    (:func:`generation_batches`), each split into groups of similar length when ``protocol.length_groups``
+    (:func:`length_groups`), left-padded by hand (the tokenizer is never modified), and results come back in the
+    order of ``prompts``. A group stops once every row has produced a stop id. Greedy fp32 results equal
+    batch-size-1 generation in every check (not bit for bit: the logits differ in the last bits).
 
     Args:
         model: a transformers causal LM or a PEFT ``PeftModel``, already loaded; run in eval mode for the call.
         tokenizer: its tokenizer.
         prompts: user turns.
         protocol: the generation settings (recorded by the caller with :meth:`GenerationProtocol.to_dict`).
-        progress: called as ``progress(done, total)`` after each batch.
+        progress: called as ``progress(done, total)`` after each group.
 
     Returns:
         One :class:`Generation` per prompt, in input order.
@@ -203,7 +218,7 @@ def generate_chat(
     device = model.get_input_embeddings().weight.device
     torch.manual_seed(protocol.seed)
     with torch.inference_mode(), eval_mode(model):
-        for batch in generation_batches([len(ids) for ids in encoded], protocol.batch_size):
+        for batch in _groups([len(ids) for ids in encoded], protocol):
             input_ids, attention_mask = pad_left([encoded[i] for i in batch], pad_id)
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
             for row, i in enumerate(batch):
@@ -214,11 +229,13 @@ def generate_chat(
 
 
 def generation_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """The batches :func:`generate_chat` runs: prompt indices sorted by token length, longest first (ties in input
-    order), ``batch_size`` per batch.
+    """The batches :func:`generate_chat` runs (each split into groups of similar length when the protocol's
+    ``length_groups`` is on): prompt indices sorted by token length, longest first (ties in input order),
+    ``batch_size`` per batch.
 
-    Generating a contiguous run of these batches as one call reproduces them exactly (the sort is stable), which is
-    how several processes share one generation job without changing any batch.
+    Generating a contiguous run of these batches as one call reproduces them exactly (the sort is stable, and a
+    batch's groups depend on its own lengths only), which is how several processes share one generation job without
+    changing any batch.
 
     Args:
         lengths: token count of each rendered prompt.
@@ -229,6 +246,76 @@ def generation_batches(lengths: Sequence[int], batch_size: int) -> list[list[int
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+# The cost model of :func:`length_groups`, in units of one prompt token through the decoder, measured on
+# SmolLM2-135M in fp32 on one CPU thread (about 2.7 ms a token): a generation step costs a fixed _STEP_COST (the
+# weights are read once per step, whatever the rows: 64 ms at one row) plus _ROW_STEP_COST per row (the LM head
+# included: 317 ms at 64 rows); attention over a padded length L multiplies a prompt token's cost by
+# 1 + L / _ATTENTION_TOKENS and a row's step by 1 + L / _DECODE_ATTENTION_TOKENS (a step reads every cached
+# position, padding included). Only where a batch splits depends on them.
+_STEP_COST = 26.0
+_ROW_STEP_COST = 1.4
+_ATTENTION_TOKENS = 2500.0
+_DECODE_ATTENTION_TOKENS = 340.0
+
+
+def length_groups(lengths: Sequence[int], max_new_tokens: int) -> list[int]:
+    """Where to split one batch of prompts sorted longest first: the group sizes of the least estimated cost.
+
+    A group is padded to its first (longest) prompt; its cost is the padded prompt tokens (attention growing with
+    their length) plus ``max_new_tokens`` steps of a fixed part and a part per row. Splitting saves padding and
+    costs a fixed part per step, so a batch of similar lengths stays whole and a long tail is cut off. Exact
+    minimum over every split into contiguous runs (dynamic programming, quadratic in the batch size).
+
+    Args:
+        lengths: token counts of the batch's prompts, longest first.
+        max_new_tokens: generation length (the steps each group may run).
+
+    Returns:
+        Sizes of consecutive groups, summing to ``len(lengths)``.
+
+    Raises:
+        ValueError: ``lengths`` not sorted longest first.
+    """
+    n = len(lengths)
+    if any(lengths[k] < lengths[k + 1] for k in range(n - 1)):
+        raise ValueError("length_groups needs the lengths sorted longest first")
+
+    def cost(start: int, stop: int) -> float:
+        rows, longest = stop - start, lengths[start]
+        prefill = rows * longest * (1 + longest / _ATTENTION_TOKENS)
+        return prefill + max_new_tokens * (
+            _STEP_COST + rows * _ROW_STEP_COST * (1 + longest / _DECODE_ATTENTION_TOKENS))
+
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for stop in range(1, n + 1):
+        for start in range(stop):
+            total = best[start] + cost(start, stop)
+            if total < best[stop]:
+                best[stop], cut[stop] = total, start
+    sizes: list[int] = []
+    stop = n
+    while stop:
+        sizes.append(stop - cut[stop])
+        stop = cut[stop]
+    return sizes[::-1]
+
+
+def _groups(lengths: Sequence[int], protocol: GenerationProtocol) -> list[list[int]]:
+    """The groups :func:`generate_chat` generates: each of :func:`generation_batches`, split by
+    :func:`length_groups` when ``protocol.length_groups``."""
+    batches = generation_batches(lengths, protocol.batch_size)
+    if not protocol.length_groups:
+        return batches
+    groups = []
+    for batch in batches:
+        start = 0
+        for size in length_groups([lengths[i] for i in batch], protocol.max_new_tokens):
+            groups.append(batch[start : start + size])
+            start += size
+    return groups
 
 
 def _check_dtype(model: Any, protocol: GenerationProtocol) -> None:
