@@ -5,15 +5,29 @@ and on a GPU with vLLM installed, vLLM (through ``safetypatch.eval.backends.vllm
 Every backend generates the same ``--prompts`` prompts (harmbench and xstest-safe evaluation prompts, rendered by
 the model's chat template) for ``--max-new-tokens`` tokens, in one process, after a short warm-up; throughput is
 generated tokens (the stop token included) per second. Greedy outputs are compared with batch-size-1 generation
-(the reference), prompt by prompt. Usage (from the repository root)::
+(the reference), prompt by prompt.
+
+``--tasks`` measures the evaluation's own batching instead (issue 30 goal: ``eval --preset standard`` ≥ 2× faster
+with every answer identical): every prompt of the named safety tasks as ``safetypatch eval`` generates them (a
+task's held-out rows, ``--limit`` a seeded sample), batch ``--batch-size`` (64 there), generated with whole batches
+(``length_groups=False``: the batching before length groups) and with length groups, alternating ``--repeats``
+times (so that a change of machine load hits both sides), each answer compared token for token.
+``--compare-samples OLD NEW`` compares the per-sample files of two ``safetypatch eval`` output folders (one run of
+the code before, one after): response, token count and finish reason of every generated answer. Usage (from the
+repository root)::
 
     python -m bench.generate_bench --json generate.json               # CPU: batch 16 vs batch 1
     python -m bench.generate_bench --backends hf,vllm --json gen.json  # GPU: also vLLM vs HF
+    python -m bench.generate_bench --tasks harmbench,xstest-safe --max-new-tokens 48 --batch-size 64 \
+        --json eval_batching.json                                      # whole batches vs length groups
+    python -m bench.generate_bench --compare-samples runs/eval-old runs/eval-new --json identity.json
 """
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 from bench.common import emit, parse, parser, set_threads
@@ -92,6 +106,114 @@ def run_benchmark(model: str, n_prompts: int, max_new_tokens: int, batch_size: i
             "goal_met": ratios[f"hf_batch_{batch_size}_over_batch_1"] >= GOAL_BATCHED_OVER_SINGLE}
 
 
+def task_prompts(tasks: list[str], limit: int | None, seed: int = 0) -> dict[str, list[str]]:
+    """The prompts ``safetypatch eval`` generates for each task (its held-out rows, a seeded sample of ``limit``)."""
+    from safetypatch.eval.task import TASKS, task_rows
+
+    return {name: [row.prompt for row in task_rows(TASKS.get(name), limit, seed).rows] for name in tasks}
+
+
+def run_eval_batching(model: str, tasks: list[str], limit: int | None, max_new_tokens: int, batch_size: int,
+                      repeats: int, threads: int | None = None) -> dict[str, Any]:
+    """Each task's prompts generated with whole batches and with length groups, alternating ``repeats`` times.
+
+    Args:
+        model: model reference.
+        tasks: safety task names (``safetypatch ls tasks``).
+        limit: most rows per task (a seeded sample, as ``eval --limit``); None: every held-out row.
+        max_new_tokens: generation length (the ``standard`` preset's is 48).
+        batch_size: prompts per batch (``eval``'s default is 64).
+        repeats: rounds of (whole batches, length groups); each side's fastest round is its time.
+        threads: CPU threads (default: all usable cores).
+
+    Returns:
+        Per task and in total: seconds of each side (every round and the fastest), the ratio, and how many answers
+        are identical token for token (and finish the same way) in every round.
+    """
+    from safetypatch.eval.generate import GenerationProtocol, generate_chat
+    from safetypatch.models.loading import load_model
+
+    used_threads = set_threads(threads)
+    loaded = load_model(model)
+    grouped = GenerationProtocol(max_new_tokens=max_new_tokens, dtype=loaded.dtype, batch_size=batch_size)
+    sides = {"whole_batches": grouped.model_copy(update={"length_groups": False}), "length_groups": grouped}
+    generate_chat(loaded.model, loaded.tokenizer, bench_prompts(_WARMUP_PROMPTS), grouped)
+    per_task: dict[str, Any] = {}
+    for name, prompts in task_prompts(tasks, limit).items():
+        rounds: dict[str, list[float]] = {side: [] for side in sides}
+        answers: dict[str, list[Any]] = {}
+        identical = len(prompts)
+        for _ in range(repeats):
+            for side, protocol in sides.items():
+                start = time.perf_counter()
+                answers[side] = generate_chat(loaded.model, loaded.tokenizer, prompts, protocol)
+                rounds[side].append(round(time.perf_counter() - start, 3))
+            identical = min(identical, sum(
+                (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason)
+                for a, b in zip(answers["whole_batches"], answers["length_groups"], strict=True)))
+        per_task[name] = {"prompts": len(prompts), "new_tokens": sum(g.n_new_tokens for g in answers["length_groups"]),
+                          "seconds": rounds, "fastest": {side: min(times) for side, times in rounds.items()},
+                          "identical_answers": identical}
+        per_task[name]["ratio_whole_over_groups"] = round(
+            per_task[name]["fastest"]["whole_batches"] / per_task[name]["fastest"]["length_groups"], 3)
+    total = {side: round(sum(t["fastest"][side] for t in per_task.values()), 3) for side in sides}
+    return {"model": loaded.provenance(), "tasks": per_task, "limit": limit, "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size, "repeats": repeats, "threads": used_threads, "fastest_total_seconds": total,
+            "ratio_whole_over_groups": round(total["whole_batches"] / total["length_groups"], 3),
+            "identical_answers": sum(t["identical_answers"] for t in per_task.values()),
+            "answers": sum(t["prompts"] for t in per_task.values())}
+
+
+# Fields of a sample that two runs of the same rows must share: a generated answer and its bookkeeping (safety and
+# exact-match tasks), the reference answer and its scores (drift), the log-likelihoods (multiple choice).
+_COMPARED = ("response", "n_new_tokens", "finish_reason", "reference_response", "kl", "nll_delta", "loglikelihoods")
+
+
+def compare_samples(old: Path, new: Path) -> dict[str, Any]:
+    """Compare the generated answers of two ``safetypatch eval`` output folders, sample file by sample file.
+
+    Args:
+        old: an output folder (``<output_dir>`` or the model folder inside it) of one run.
+        new: the same of the other run, with the same tasks, rows and protocol.
+
+    Returns:
+        Per task: samples, the fields compared (those of ``_COMPARED`` it has), how many samples agree on all of
+        them exactly, the first differing doc ids; and the totals over the tasks with generated answers.
+
+    Raises:
+        DataError: a folder holds no sample file, or the two runs have different tasks or rows.
+    """
+    from safetypatch.errors import DataError
+
+    files = {side: _sample_files(folder) for side, folder in (("old", old), ("new", new))}
+    if not files["old"] or files["old"].keys() != files["new"].keys():
+        raise DataError(f"sample files differ: {sorted(files['old'])} in {old} against {sorted(files['new'])} in "
+                        f"{new}; compare two eval runs of the same tasks.")
+    tasks: dict[str, Any] = {}
+    for task in sorted(files["old"]):
+        rows = {side: [json.loads(line) for line in files[side][task].read_text().splitlines() if line.strip()]
+                for side in files}
+        if [r["prompt"] for r in rows["old"]] != [r["prompt"] for r in rows["new"]]:
+            raise DataError(f"task {task}: the two runs have different rows; compare runs with the same limits.")
+        keys = [key for key in _COMPARED if key in rows["old"][0]]
+        differ = [a["doc_id"] for a, b in zip(rows["old"], rows["new"], strict=True)
+                  if any(a.get(key) != b.get(key) for key in keys)]
+        tasks[task] = {"samples": len(rows["old"]), "compared": keys, "identical": len(rows["old"]) - len(differ),
+                       "first_differing_doc_ids": differ[:10]}
+    answered = [t for t in tasks.values() if {"response", "reference_response"} & set(t["compared"])]
+    return {"old": str(old), "new": str(new), "tasks": tasks,
+            "answers": sum(t["samples"] for t in answered), "identical_answers": sum(t["identical"] for t in answered)}
+
+
+def _sample_files(folder: Path) -> dict[str, Path]:
+    """Task → its newest ``samples_<task>_<timestamp>.jsonl`` under ``folder``."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.rglob("samples_*.jsonl")):
+        task = path.name.removeprefix("samples_").rsplit("_", 1)[0]
+        found[task] = path
+    return found
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line, run the benchmark, print (and with ``--json`` write) its JSON."""
     arguments = parser(__doc__.split("\n\n")[0])
@@ -101,7 +223,20 @@ def main(argv: list[str] | None = None) -> None:
     arguments.add_argument("--batch-size", type=int, default=16, help="batched configuration (default 16)")
     arguments.add_argument("--backends", default="hf", help="comma-separated: hf, vllm (GPU)")
     arguments.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    arguments.add_argument("--tasks", default=None,
+                           help="comma-separated safety tasks: whole batches vs length groups on their eval prompts")
+    arguments.add_argument("--limit", type=int, default=None, help="with --tasks: most rows per task")
+    arguments.add_argument("--repeats", type=int, default=2, help="with --tasks: alternating rounds (default 2)")
+    arguments.add_argument("--compare-samples", nargs=2, type=Path, metavar=("OLD", "NEW"), default=None,
+                           help="compare the generated answers of two eval output folders")
     args = parse(arguments, argv)
+    if args.compare_samples:
+        emit(compare_samples(*args.compare_samples), args, argv, __spec__.name)
+        return
+    if args.tasks:
+        emit(run_eval_batching(args.model, args.tasks.split(","), args.limit, args.max_new_tokens, args.batch_size,
+                               args.repeats, args.threads), args, argv, __spec__.name)
+        return
     emit(run_benchmark(args.model, args.prompts, args.max_new_tokens, args.batch_size, args.backends.split(","),
                        args.threads), args, argv, __spec__.name)
 

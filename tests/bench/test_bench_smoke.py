@@ -67,6 +67,40 @@ def test_generate_benchmark_compares_batched_and_single_prompt_generation(tiny_m
     assert result["model"]["attn_implementation"] == "sdpa"
 
 
+def test_generate_benchmark_times_whole_batches_against_length_groups_on_eval_prompts(tiny_model_dirs, tmp_path):
+    generate_main(["--model", str(tiny_model_dirs["llama"]), "--tasks", "harmbench,xstest-safe", "--limit", "5",
+                   "--max-new-tokens", "4", "--batch-size", "4", "--repeats", "2", "--threads", "1",
+                   "--json", str(tmp_path / "batching.json")])
+    result = _read(tmp_path / "batching.json")
+    assert set(result["tasks"]) == {"harmbench", "xstest-safe"} and result["answers"] == 10
+    assert result["identical_answers"] == 10 and result["ratio_whole_over_groups"] > 0
+    harmbench = result["tasks"]["harmbench"]
+    assert len(harmbench["seconds"]["whole_batches"]) == len(harmbench["seconds"]["length_groups"]) == 2
+
+
+def test_compare_samples_finds_the_answer_that_changed(tiny_model_dirs, tmp_path):
+    from safetypatch import api
+
+    runs = {}
+    for name, grouped in (("old", False), ("new", True)):
+        runs[name] = tmp_path / name
+        api.evaluate(api.EvalConfig(model=str(tiny_model_dirs["qwen2"]), tasks=["harmbench", "arc-easy"],
+                                    limits={"harmbench": 4, "arc-easy": 3}, judges=["keyword"], max_new_tokens=5,
+                                    length_groups=grouped, output_dir=runs[name]))
+    generate_main(["--compare-samples", str(runs["old"]), str(runs["new"]), "--json", str(tmp_path / "same.json")])
+    same = _read(tmp_path / "same.json")
+    assert same["answers"] == same["identical_answers"] == 4
+    assert same["tasks"]["arc-easy"] == {"samples": 3, "compared": ["loglikelihoods"], "identical": 3,
+                                         "first_differing_doc_ids": []}
+    samples = next(runs["new"].rglob("samples_harmbench_*.jsonl"))
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    rows[2]["n_new_tokens"] -= 1  # one answer a token shorter
+    samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    generate_main(["--compare-samples", str(runs["old"]), str(runs["new"]), "--json", str(tmp_path / "diff.json")])
+    differ = _read(tmp_path / "diff.json")
+    assert differ["identical_answers"] == 3 and differ["tasks"]["harmbench"]["first_differing_doc_ids"] == [2]
+
+
 def test_gpu_check_lists_every_check_and_runs_what_this_machine_can(tmp_path):
     names = [step.name for step in gpu_check.steps(tmp_path, quick=True, gpus=1)]
     assert names == ["env", "train_single_gpu", "train_multi_gpu", "train_fsdp", "train_zero2", "train_zero3",
