@@ -10,8 +10,9 @@ generated tokens (the stop token included) per second. Greedy outputs are compar
 ``--tasks`` measures the evaluation's own batching instead (issue 30 goal: ``eval --preset standard`` ≥ 2× faster
 with every answer identical): every prompt of the named safety tasks as ``safetypatch eval`` generates them (a
 task's held-out rows, ``--limit`` a seeded sample), batch ``--batch-size`` (64 there), generated with whole batches
-(``length_groups=False``: the batching before length groups) and with length groups, alternating ``--repeats``
-times (so that a change of machine load hits both sides), each answer compared token for token.
+(``batching="whole"``: the batching before) and grouped ones (``"grouped"``: length groups, shared prefix run
+once), alternating ``--repeats`` times (so that a change of machine load hits both sides), each answer compared
+token for token.
 ``--compare-samples OLD NEW`` compares the per-sample files of two ``safetypatch eval`` output folders (one run of
 the code before, one after): response, token count and finish reason of every generated answer. Usage (from the
 repository root)::
@@ -19,7 +20,7 @@ repository root)::
     python -m bench.generate_bench --json generate.json               # CPU: batch 16 vs batch 1
     python -m bench.generate_bench --backends hf,vllm --json gen.json  # GPU: also vLLM vs HF
     python -m bench.generate_bench --tasks harmbench,xstest-safe --max-new-tokens 48 --batch-size 64 \
-        --json eval_batching.json                                      # whole batches vs length groups
+        --json eval_batching.json                                      # whole batches vs grouped ones
     python -m bench.generate_bench --compare-samples runs/eval-old runs/eval-new --json identity.json
 """
 
@@ -115,7 +116,7 @@ def task_prompts(tasks: list[str], limit: int | None, seed: int = 0) -> dict[str
 
 def run_eval_batching(model: str, tasks: list[str], limit: int | None, max_new_tokens: int, batch_size: int,
                       repeats: int, threads: int | None = None) -> dict[str, Any]:
-    """Each task's prompts generated with whole batches and with length groups, alternating ``repeats`` times.
+    """Each task's prompts generated with whole and with grouped batches, alternating ``repeats`` times.
 
     Args:
         model: model reference.
@@ -123,7 +124,7 @@ def run_eval_batching(model: str, tasks: list[str], limit: int | None, max_new_t
         limit: most rows per task (a seeded sample, as ``eval --limit``); None: every held-out row.
         max_new_tokens: generation length (the ``standard`` preset's is 48).
         batch_size: prompts per batch (``eval``'s default is 64).
-        repeats: rounds of (whole batches, length groups); each side's fastest round is its time.
+        repeats: rounds of (whole, grouped); each side's fastest round is its time.
         threads: CPU threads (default: all usable cores).
 
     Returns:
@@ -136,7 +137,7 @@ def run_eval_batching(model: str, tasks: list[str], limit: int | None, max_new_t
     used_threads = set_threads(threads)
     loaded = load_model(model)
     grouped = GenerationProtocol(max_new_tokens=max_new_tokens, dtype=loaded.dtype, batch_size=batch_size)
-    sides = {"whole_batches": grouped.model_copy(update={"length_groups": False}), "length_groups": grouped}
+    sides = {"whole": grouped.model_copy(update={"batching": "whole"}), "grouped": grouped}
     generate_chat(loaded.model, loaded.tokenizer, bench_prompts(_WARMUP_PROMPTS), grouped)
     per_task: dict[str, Any] = {}
     for name, prompts in task_prompts(tasks, limit).items():
@@ -150,16 +151,16 @@ def run_eval_batching(model: str, tasks: list[str], limit: int | None, max_new_t
                 rounds[side].append(round(time.perf_counter() - start, 3))
             identical = min(identical, sum(
                 (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason)
-                for a, b in zip(answers["whole_batches"], answers["length_groups"], strict=True)))
-        per_task[name] = {"prompts": len(prompts), "new_tokens": sum(g.n_new_tokens for g in answers["length_groups"]),
+                for a, b in zip(answers["whole"], answers["grouped"], strict=True)))
+        per_task[name] = {"prompts": len(prompts), "new_tokens": sum(g.n_new_tokens for g in answers["grouped"]),
                           "seconds": rounds, "fastest": {side: min(times) for side, times in rounds.items()},
                           "identical_answers": identical}
-        per_task[name]["ratio_whole_over_groups"] = round(
-            per_task[name]["fastest"]["whole_batches"] / per_task[name]["fastest"]["length_groups"], 3)
+        per_task[name]["ratio_whole_over_grouped"] = round(
+            per_task[name]["fastest"]["whole"] / per_task[name]["fastest"]["grouped"], 3)
     total = {side: round(sum(t["fastest"][side] for t in per_task.values()), 3) for side in sides}
     return {"model": loaded.provenance(), "tasks": per_task, "limit": limit, "max_new_tokens": max_new_tokens,
             "batch_size": batch_size, "repeats": repeats, "threads": used_threads, "fastest_total_seconds": total,
-            "ratio_whole_over_groups": round(total["whole_batches"] / total["length_groups"], 3),
+            "ratio_whole_over_grouped": round(total["whole"] / total["grouped"], 3),
             "identical_answers": sum(t["identical_answers"] for t in per_task.values()),
             "answers": sum(t["prompts"] for t in per_task.values())}
 
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     arguments.add_argument("--backends", default="hf", help="comma-separated: hf, vllm (GPU)")
     arguments.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     arguments.add_argument("--tasks", default=None,
-                           help="comma-separated safety tasks: whole batches vs length groups on their eval prompts")
+                           help="comma-separated safety tasks: whole vs grouped batches on their eval prompts")
     arguments.add_argument("--limit", type=int, default=None, help="with --tasks: most rows per task")
     arguments.add_argument("--repeats", type=int, default=2, help="with --tasks: alternating rounds (default 2)")
     arguments.add_argument("--compare-samples", nargs=2, type=Path, metavar=("OLD", "NEW"), default=None,

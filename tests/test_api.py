@@ -34,7 +34,7 @@ def test_evaluate_with_an_attached_patch_records_it_and_measures_drift(tmp_path,
     assert adapter["mode"] == "attach" and adapter["rank"] == 2 and adapter["max_logit_change"] > 1e-4
     assert adapter["manifest_sha256"] and adapter["applied_to"]
     assert data["n-samples"]["harmbench"]["effective"] == 3
-    assert data["config"]["generation_kwargs"]["length_groups"] is True
+    assert data["config"]["generation_kwargs"]["batching"] == "grouped"
     assert result.headline["drift"]["kl,reference"] > 0.0
 
 
@@ -43,14 +43,14 @@ def test_cli_eval_takes_per_task_limits_and_report_renders(tmp_path, tiny_model_
     out = tmp_path / "out"
     args = ["eval", "--model", str(tiny_model_dirs["qwen2"]), "--tasks", "harmbench,arc-easy",
             "--limits", "harmbench=2,arc-easy=3", "--judges", "keyword", "--max-new-tokens", "4",
-            "--no-length-groups", "--output-dir", str(out)]
+            "--batching", "whole", "--output-dir", str(out)]
     run = runner.invoke(app, args)
     assert run.exit_code == 0, run.output
     results = sorted(out.rglob("results_*.json"))
     assert len(results) == 1
     data = json.loads(results[0].read_text())
     assert data["n-samples"]["harmbench"]["effective"] == 2 and data["n-samples"]["arc-easy"]["effective"] == 3
-    assert data["config"]["generation_kwargs"]["length_groups"] is False  # the batching is part of the protocol
+    assert data["config"]["generation_kwargs"]["batching"] == "whole"  # the batching is part of the protocol
     page = tmp_path / "report.html"
     run = runner.invoke(app, ["report", str(results[0]), "-o", str(page)])
     assert run.exit_code == 0, run.output

@@ -67,26 +67,26 @@ def test_generate_benchmark_compares_batched_and_single_prompt_generation(tiny_m
     assert result["model"]["attn_implementation"] == "sdpa"
 
 
-def test_generate_benchmark_times_whole_batches_against_length_groups_on_eval_prompts(tiny_model_dirs, tmp_path):
+def test_generate_benchmark_times_whole_batches_against_grouped_ones_on_eval_prompts(tiny_model_dirs, tmp_path):
     generate_main(["--model", str(tiny_model_dirs["llama"]), "--tasks", "harmbench,xstest-safe", "--limit", "5",
                    "--max-new-tokens", "4", "--batch-size", "4", "--repeats", "2", "--threads", "1",
                    "--json", str(tmp_path / "batching.json")])
     result = _read(tmp_path / "batching.json")
     assert set(result["tasks"]) == {"harmbench", "xstest-safe"} and result["answers"] == 10
-    assert result["identical_answers"] == 10 and result["ratio_whole_over_groups"] > 0
+    assert result["identical_answers"] == 10 and result["ratio_whole_over_grouped"] > 0
     harmbench = result["tasks"]["harmbench"]
-    assert len(harmbench["seconds"]["whole_batches"]) == len(harmbench["seconds"]["length_groups"]) == 2
+    assert len(harmbench["seconds"]["whole"]) == len(harmbench["seconds"]["grouped"]) == 2
 
 
 def test_compare_samples_finds_the_answer_that_changed(tiny_model_dirs, tmp_path):
     from safetypatch import api
 
     runs = {}
-    for name, grouped in (("old", False), ("new", True)):
+    for name, batching in (("old", "whole"), ("new", "grouped")):
         runs[name] = tmp_path / name
         api.evaluate(api.EvalConfig(model=str(tiny_model_dirs["qwen2"]), tasks=["harmbench", "arc-easy"],
                                     limits={"harmbench": 4, "arc-easy": 3}, judges=["keyword"], max_new_tokens=5,
-                                    length_groups=grouped, output_dir=runs[name]))
+                                    batching=batching, output_dir=runs[name]))
     generate_main(["--compare-samples", str(runs["old"]), str(runs["new"]), "--json", str(tmp_path / "same.json")])
     same = _read(tmp_path / "same.json")
     assert same["answers"] == same["identical_answers"] == 4

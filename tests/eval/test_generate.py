@@ -21,6 +21,7 @@ from safetypatch.eval.generate import (
     generation_batches,
     length_groups,
     render_prompt,
+    shared_prefix,
     stop_token_ids,
 )
 from tests.tiny import ARCHS, build_tiny_model
@@ -57,26 +58,35 @@ def test_batched_greedy_equals_unpadded_single(arch):
         assert gen.n_new_tokens == len(gen.token_ids)
 
 
-# A long tail of prompt lengths, as in HarmBench (contextual behaviours): one batch of 8 that length groups split.
+# A long tail of prompt lengths, as in HarmBench (contextual behaviours): one batch of 8 that grouped batching splits;
+# every prompt shares the chat template's user header, run once per group.
 TAILED = ["hi", "2+2?", "why is the sky blue", "a cat", "tell me a story about a cat", "b" * 90,
           "summarise this: " + "lorem ipsum " * 30, "c" * 240]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_length_groups_keep_every_answer(arch):
-    """Length groups change which rows share a forward, never a greedy token: both batchings equal unpadded
-    batch-size-1 generation (and so each other) token for token."""
+def test_grouped_batching_keeps_every_answer(arch):
+    """Length groups and the shared prefix change which numbers meet in a forward, never a greedy token: both
+    batchings equal unpadded batch-size-1 generation (and so each other) token for token."""
     model, tok = build_tiny_model(arch)
     grouped = protocol(batch_size=8, max_new_tokens=12)
     lengths = [len(encode_prompt(tok, render_prompt(tok, p, grouped), grouped)) for p in TAILED]
     assert len(generation_batches(lengths, 8)) == 1
     assert len(length_groups(sorted(lengths, reverse=True), 12)) >= 3  # the batch is split, not generated whole
+    encoded = [encode_prompt(tok, render_prompt(tok, p, grouped), grouped) for p in TAILED]
+    assert shared_prefix(encoded) == len(encode_prompt(tok, "<|im_start|>user\n", grouped))
     new = generate_chat(model, tok, TAILED, grouped)
-    old = generate_chat(model, tok, TAILED, grouped.model_copy(update={"length_groups": False}))
+    old = generate_chat(model, tok, TAILED, grouped.model_copy(update={"batching": "whole"}))
     assert [g.token_ids for g in new] == [g.token_ids for g in old]
     assert [(g.response, g.finish_reason) for g in new] == [(g.response, g.finish_reason) for g in old]
     for prompt, gen in zip(TAILED, new, strict=True):
         assert list(gen.token_ids) == direct_greedy(model, tok, prompt, max_new_tokens=12)
+
+
+def test_shared_prefix_leaves_every_row_a_token_of_its_own():
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 9]]) == 2
+    assert shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter row keeps its last token
+    assert shared_prefix([[1, 2], [3, 4]]) == 0 and shared_prefix([[1, 2, 3]]) == 0
 
 
 def test_length_groups_split_a_long_tail_and_keep_similar_lengths_whole():
@@ -151,7 +161,7 @@ def test_protocol_validation_and_record():
     p = protocol()
     assert p.to_dict() == {
         "max_new_tokens": 10, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-        "system_prompt": None, "template": "chat", "batch_size": 64, "length_groups": True, "seed": 0,
+        "system_prompt": None, "template": "chat", "batch_size": 64, "batching": "grouped", "seed": 0,
         "dtype": "float32",
     }
     with pytest.raises(ConfigError, match="temperature"):

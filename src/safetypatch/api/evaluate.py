@@ -39,9 +39,10 @@ class EvalConfig(StrictConfig):
     max_new_tokens: int | None = Field(None, gt=0, description="Generation length of safety tasks.")
     batch_size: int = Field(64, gt=0, description="Prompts per generation batch (64: twice as fast as 8 on 2 CPU "
                                                   "cores, the same greedy fp32 answers).")
-    length_groups: bool = Field(True, description="Split each generation batch into groups of similar prompt length "
-                                                  "(a few long prompts no longer pad a whole batch); off: the whole "
-                                                  "batch, as results written before this option.")
+    batching: Literal["grouped", "whole"] = Field(
+        "grouped", description="How a generation batch runs: 'grouped' splits it into groups of similar prompt length "
+                               "and runs the prompt prefix a group shares once; 'whole' pads it to its longest prompt "
+                               "(results written before this option).")
     mc_batch_size: int = Field(8, gt=0, description="Items per multiple-choice forward (8: faster than 32 on 2 CPU "
                                                     "cores).")
     judges: list[str] | None = Field(None, description="Judges of safety tasks (first = headline).")
@@ -130,7 +131,7 @@ def evaluate(config: EvalConfig | None = None, progress: Progress | None = None)
     tasks = tuple(cfg.tasks or _runnable(preset.tasks, reference is not None))
     limits = {t: cfg.limit for t in tasks} if cfg.limit else {t: n for t, n in preset.limits.items() if t in tasks}
     protocol = GenerationProtocol(max_new_tokens=cfg.max_new_tokens or preset.max_new_tokens,
-                                  batch_size=cfg.batch_size, length_groups=cfg.length_groups,
+                                  batch_size=cfg.batch_size, batching=cfg.batching,
                                   system_prompt=cfg.system_prompt, seed=cfg.seed, dtype=loaded.dtype)
     plan = EvalPlan(tasks, {**limits, **cfg.limits}, protocol,
                     tuple(build_judge(name) for name in (cfg.judges or preset.judges)), cfg.seed, cfg.mc_batch_size)

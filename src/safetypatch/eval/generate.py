@@ -1,17 +1,19 @@
 """Pinned chat generation with HF transformers, the reference backend (docs/methods.md §4.4).
 
 Prompts are rendered with the evaluated model's own chat template (``add_generation_prompt=True``, a system turn
-only when configured), sorted by token length into blocks of ``batch_size``, each block split into left-padded
-groups of similar length (:func:`length_groups`), generated under one frozen :class:`GenerationProtocol`, and
-returned in the caller's order with per-sample bookkeeping (templated prompt hash, token count, finish reason) for the
-per-sample results (§4.5).
+only when configured), sorted by token length into batches of ``batch_size``, generated under one frozen
+:class:`GenerationProtocol`, and returned in the caller's order with per-sample bookkeeping (templated prompt hash,
+token count, finish reason) for the per-sample results (§4.5).
 
-Why groups: a block is padded to its longest prompt, and prompt lengths can have a long tail (HarmBench's contextual
-behaviours run to 1,000 tokens while most prompts have about 50), so the first block of a length-sorted set can cost
-more than all the others together. Splitting a block only where its lengths spread leaves blocks of similar lengths
-whole: their rows are computed exactly as before. Rows of a split block are computed with less padding, which
-changes their logits in the last bits (about 1e-5, as any change of batch composition does), not, in every check
-so far, their greedy tokens (docs/performance.md, *Evaluation wall time*).
+The protocol's ``batching`` says how a batch is run. ``whole``: left-padded to its longest prompt, in one
+``generate`` call. ``grouped`` (the default): split into groups of similar length (:func:`length_groups`), and in
+each group the prompt prefix every row shares (the chat template's system turn and user header, about 25 of a
+typical 45 tokens on SmolLM2) run once and its KV cache repeated for the rows, each row's rest left-padded after it.
+Why: prompt lengths can have a long tail (HarmBench's contextual behaviours run to 1,000 tokens while most prompts
+have about 50), so a whole first batch of a length-sorted set can cost more than all the others together; and the
+shared prefix is half of a short prompt's prefill. Both change which numbers meet in a matrix product, and so the
+logits in the last bits (about 1e-5, as any change of batch composition does), not, in every check so far, a greedy
+token (docs/performance.md, *Evaluation wall time*).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from safetypatch.errors import ConfigError
-from safetypatch.eval.logprobs import eval_mode, pad_left
+from safetypatch.eval.logprobs import cache_argument, causal_lm, decoder_forward, eval_mode, output_cache, pad_left
 from safetypatch.models.chat import END_OF_TURN_TOKENS, end_of_turn_ids, render_user_turn
 
 logger = logging.getLogger(__name__)
@@ -58,9 +60,9 @@ class GenerationProtocol(BaseModel):
         batch_size: prompts per generation batch; on a 2-core CPU (SmolLM2-135M, fp32) 64 generates about twice as
             fast as 8 and 1.3× as fast as 16 (128 is no faster), and greedy fp32 tokens matched batch-size-1
             generation in every check.
-        length_groups: split each length-sorted batch where prompt lengths spread (:func:`length_groups`), so that
-            a few long prompts do not pad a whole batch; ``False`` generates every batch whole (the batching of
-            results written before this field existed).
+        batching: ``grouped`` splits each length-sorted batch where prompt lengths spread (:func:`length_groups`)
+            and runs the prompt prefix a group shares once; ``whole`` pads every batch to its longest prompt and runs
+            it whole (the batching of results written before this field existed).
         seed: torch seed set before generating (sampling presets; harmless for greedy).
         dtype: dtype the weights must be in (``bfloat16`` per §4.4; ``float32`` on CPUs without bf16).
     """
@@ -76,8 +78,9 @@ class GenerationProtocol(BaseModel):
     template: Literal["chat", "none"] = Field("chat", description="'chat': the model's chat template; 'none': raw.")
     batch_size: int = Field(64, gt=0, description="Prompts per generation batch (64: fastest of 8/16/32/64/128 on 2 "
                                                   "CPU cores).")
-    length_groups: bool = Field(True, description="Split each batch into groups of similar prompt length (less "
-                                                  "padding); False pads the whole batch to its longest prompt.")
+    batching: Literal["grouped", "whole"] = Field(
+        "grouped", description="'grouped': each batch split into groups of similar prompt length, the prefix a group "
+                               "shares run once; 'whole': each batch padded to its longest prompt and run whole.")
     seed: int = Field(0, description="torch seed set before generating.")
     dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Dtype the weights must have.")
 
@@ -189,10 +192,10 @@ def generate_chat(
     """Generate one response per prompt under the pinned protocol (docs/methods.md §4.4).
 
     Prompts are sorted by token length (longest first) into batches of ``protocol.batch_size``
-    (:func:`generation_batches`), each split into groups of similar length when ``protocol.length_groups``
-    (:func:`length_groups`), left-padded by hand (the tokenizer is never modified), and results come back in the
-    order of ``prompts``. A group stops once every row has produced a stop id. Greedy fp32 results equal
-    batch-size-1 generation in every check (not bit for bit: the logits differ in the last bits).
+    (:func:`generation_batches`), run as ``protocol.batching`` says (module docstring), left-padded by hand (the
+    tokenizer is never modified), and results come back in the order of ``prompts``. A group stops once every row
+    has produced a stop id. Greedy fp32 results equal batch-size-1 generation in every check (not bit for bit: the
+    logits differ in the last bits).
 
     Args:
         model: a transformers causal LM or a PEFT ``PeftModel``, already loaded; run in eval mode for the call.
@@ -215,14 +218,14 @@ def generate_chat(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     kwargs = _generate_kwargs(model, protocol, stops, pad_id)
     new_ids: dict[int, list[int]] = {}
-    device = model.get_input_embeddings().weight.device
+    share = protocol.batching == "grouped" and _can_share_prefix(model)
     torch.manual_seed(protocol.seed)
     with torch.inference_mode(), eval_mode(model):
         for batch in _groups([len(ids) for ids in encoded], protocol):
-            input_ids, attention_mask = pad_left([encoded[i] for i in batch], pad_id)
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
-            for row, i in enumerate(batch):
-                new_ids[i] = out[row, input_ids.shape[1] :].tolist()
+            rows = [encoded[i] for i in batch]
+            for i, ids in zip(batch, _generate_group(model, rows, shared_prefix(rows) if share else 0, pad_id, kwargs),
+                              strict=True):
+                new_ids[i] = ids
             if progress is not None:
                 progress(len(new_ids), len(prompts))
     return [_finish(tokenizer, prompts[i], texts[i], new_ids[i], stops) for i in range(len(prompts))]
@@ -230,7 +233,7 @@ def generate_chat(
 
 def generation_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """The batches :func:`generate_chat` runs (each split into groups of similar length when the protocol's
-    ``length_groups`` is on): prompt indices sorted by token length, longest first (ties in input order),
+    ``batching`` is ``grouped``): prompt indices sorted by token length, longest first (ties in input order),
     ``batch_size`` per batch.
 
     Generating a contiguous run of these batches as one call reproduces them exactly (the sort is stable, and a
@@ -305,9 +308,9 @@ def length_groups(lengths: Sequence[int], max_new_tokens: int) -> list[int]:
 
 def _groups(lengths: Sequence[int], protocol: GenerationProtocol) -> list[list[int]]:
     """The groups :func:`generate_chat` generates: each of :func:`generation_batches`, split by
-    :func:`length_groups` when ``protocol.length_groups``."""
+    :func:`length_groups` when ``protocol.batching`` is ``grouped``."""
     batches = generation_batches(lengths, protocol.batch_size)
-    if not protocol.length_groups:
+    if protocol.batching == "whole":
         return batches
     groups = []
     for batch in batches:
@@ -316,6 +319,52 @@ def _groups(lengths: Sequence[int], protocol: GenerationProtocol) -> list[list[i
             groups.append(batch[start : start + size])
             start += size
     return groups
+
+
+def shared_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """How many leading token ids every row shares, leaving each row at least one of its own (0 for one row).
+
+    Args:
+        rows: token ids of a group's prompts.
+
+    Returns:
+        The length of the prefix :func:`generate_chat` runs once for the group.
+    """
+    if len(rows) < 2:
+        return 0
+    first, limit = rows[0], min(len(row) for row in rows) - 1
+    k = 0
+    while k < limit and all(row[k] == first[k] for row in rows):
+        k += 1
+    return k
+
+
+def _can_share_prefix(model: Any) -> bool:
+    """A prompt-learning PEFT adapter puts virtual tokens before the prompt, so its prefix cannot be run apart."""
+    return not getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
+
+
+def _generate_group(model: Any, rows: list[list[int]], shared: int, pad_id: int,
+                    kwargs: dict[str, Any]) -> list[list[int]]:
+    """The new ids of one group: left-padded whole (``shared`` 0), or the ``shared`` prefix run once through the
+    decoder, its KV cache repeated for every row, and each row's rest left-padded after it (positions follow the
+    attention mask, so a row's tokens keep the positions they have unpadded)."""
+    device = model.get_input_embeddings().weight.device
+    if not shared:
+        input_ids, attention_mask = pad_left(rows, pad_id)
+        cache: dict[str, Any] = {}
+    else:
+        lm = causal_lm(model)
+        prefix = torch.tensor([rows[0][:shared]], dtype=torch.long)
+        out = decoder_forward(lm, prefix, torch.ones_like(prefix), use_cache=True)
+        prefix_cache = output_cache(out)
+        prefix_cache.batch_repeat_interleave(len(rows))
+        rest_ids, rest_mask = pad_left([row[shared:] for row in rows], pad_id)
+        input_ids = torch.cat([prefix.expand(len(rows), -1), rest_ids], dim=1)
+        attention_mask = torch.cat([torch.ones((len(rows), shared), dtype=torch.long), rest_mask], dim=1)
+        cache = {cache_argument(lm.base_model): prefix_cache}
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs, **cache)
+    return out[:, input_ids.shape[1] :].tolist()
 
 
 def _check_dtype(model: Any, protocol: GenerationProtocol) -> None:

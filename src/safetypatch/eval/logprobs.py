@@ -86,7 +86,7 @@ def decoder_forward(
         attention_mask=attention_mask.to(lm.device),
         position_ids=None if position_ids is None else position_ids.to(lm.device),
         use_cache=use_cache,
-        **{_cache_argument(decoder): past_key_values},
+        **{cache_argument(decoder): past_key_values},
     )
 
 
@@ -95,7 +95,7 @@ def output_cache(output: Any) -> Any:
     return output.cache if "cache" in output else output.past_key_values
 
 
-def _cache_argument(decoder: Any) -> str:
+def cache_argument(decoder: Any) -> str:
     """The decoder's KV-cache keyword: ``cache`` since transformers 5.24 (``past_key_values`` is deprecated there
     and removed in 5.40), ``past_key_values`` before."""
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
