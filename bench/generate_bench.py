@@ -179,7 +179,8 @@ def compare_samples(old: Path, new: Path) -> dict[str, Any]:
 
     Returns:
         Per task: samples, the fields compared (those of ``_COMPARED`` it has), how many samples agree on all of
-        them exactly, the first differing doc ids; and the totals over the tasks with generated answers.
+        them exactly, the first differing doc ids, the seconds each run's results file records; the totals over the
+        tasks with generated answers, and the summed task seconds of each run and their ratio.
 
     Raises:
         DataError: a folder holds no sample file, or the two runs have different tasks or rows.
@@ -187,6 +188,7 @@ def compare_samples(old: Path, new: Path) -> dict[str, Any]:
     from safetypatch.errors import DataError
 
     files = {side: _sample_files(folder) for side, folder in (("old", old), ("new", new))}
+    seconds = {side: _task_seconds(folder) for side, folder in (("old", old), ("new", new))}
     if not files["old"] or files["old"].keys() != files["new"].keys():
         raise DataError(f"sample files differ: {sorted(files['old'])} in {old} against {sorted(files['new'])} in "
                         f"{new}; compare two eval runs of the same tasks.")
@@ -200,10 +202,23 @@ def compare_samples(old: Path, new: Path) -> dict[str, Any]:
         differ = [a["doc_id"] for a, b in zip(rows["old"], rows["new"], strict=True)
                   if any(a.get(key) != b.get(key) for key in keys)]
         tasks[task] = {"samples": len(rows["old"]), "compared": keys, "identical": len(rows["old"]) - len(differ),
-                       "first_differing_doc_ids": differ[:10]}
+                       "first_differing_doc_ids": differ[:10],
+                       "seconds": {side: seconds[side].get(task) for side in seconds}}
     answered = [t for t in tasks.values() if {"response", "reference_response"} & set(t["compared"])]
-    return {"old": str(old), "new": str(new), "tasks": tasks,
+    totals = {side: round(sum(times.values()), 1) for side, times in seconds.items()}
+    return {"old": str(old), "new": str(new), "tasks": tasks, "task_seconds": totals,
+            "ratio_old_over_new": round(totals["old"] / totals["new"], 3) if totals["new"] else None,
             "answers": sum(t["samples"] for t in answered), "identical_answers": sum(t["identical"] for t in answered)}
+
+
+def _task_seconds(folder: Path) -> dict[str, float]:
+    """Task → the seconds its results file records (``configs[task]["seconds"]``), over every results file found."""
+    seconds: dict[str, float] = {}
+    for path in sorted(folder.rglob("results_*.json")):
+        for task, config in json.loads(path.read_text()).get("configs", {}).items():
+            if "seconds" in config:
+                seconds[task] = config["seconds"]
+    return seconds
 
 
 def _sample_files(folder: Path) -> dict[str, Path]:
