@@ -78,8 +78,10 @@ def test_train_patch_writes_a_verified_patch_that_evaluates(tmp_path, tiny_model
     )
     result = api.train_patch(cfg)
     manifest = json.loads((result.path / "safety_patch.json").read_text())
-    assert (result.n_refusal, result.n_retain) == (3 + 1, 4 - 1) and len(judged) == 4
+    # each prompt once as written and once in one of the default training forms
+    assert (result.n_refusal, result.n_retain) == (2 * (3 + 1), 2 * (4 - 1)) and len(judged) == 4
     assert manifest["extra"]["retain_own_refusals_dropped"] == 1
+    assert manifest["extra"]["form_copies"] == {"harmful": 3 + 1, "retain": 4 - 1}
     assert manifest["extra"]["harmful_categories_used"] == {}
     assert manifest["method"] == "refusal_sft" and manifest["training"]["steps"] == 2
     assert {d["name"] for d in manifest["data"]} == {

@@ -69,7 +69,7 @@ def test_train_patch_adds_form_copies_of_harmful_and_retain_prompts(tmp_path, ti
     monkeypatch.setattr(api.train, "own_refusals", lambda rs: [i == 0 for i in range(len(rs))])
     cfg = api.TrainConfig(
         model=str(tiny_model_dirs["llama"]), n_harmful=3, harmful=["harmbench"], retain=["everyday-requests"],
-        harmful_forms=["past", "roleplay"], retain_forms=["hypothetical"],
+        harmful_forms=["past", "roleplay"], retain_forms=["hypothetical"], forms_per_prompt=None,
         recipe_overrides={"max_steps": 1, "per_device_train_batch_size": 4, "retain_count": 4, "max_length": 256},
         retain_max_new_tokens=6, output=tmp_path / "patch",
     )

@@ -37,6 +37,12 @@ refusal, but training on them brings back the refusal of XSTest's safe questions
 human_chatbox: "Are you human?") call for a correction or an honest answer instead."""
 
 
+DEFAULT_FORMS = ("question", "past", "hypothetical", "roleplay")
+"""The training forms a default patch meets every prompt in, one per prompt: on the development rows they took the
+refusal of past-tense harmful requests from 0.00 to 0.85 at the same over-refusal
+(docs/results/2026-12-05-generalization.md)."""
+
+
 class TrainConfig(StrictConfig):
     """Options of ``safetypatch train``: Refusal-SFT of a safety patch on safety data (docs/methods.md §3.1)."""
 
@@ -65,14 +71,14 @@ class TrainConfig(StrictConfig):
                     "the model answers itself: look-alikes of harmful requests (docs/patches.md); out-of-family sets "
                     "are refused.")
     harmful_forms: list[str] = Field(
-        [], description="Training forms (data.forms: question, past, hypothetical, roleplay) every harmful prompt is "
-                        "also rewritten into, each copy paired with a refusal (docs/generalization.md).")
+        list(DEFAULT_FORMS), description="Training forms (data.forms) every harmful prompt is also rewritten into, "
+                                         "each copy paired with a refusal (docs/generalization.md); [] for none.")
     retain_forms: list[str] = Field(
-        [], description="Training forms every kept retain prompt is also rewritten into: benign twins trained on the "
-                        "model's own answer to the original prompt.")
+        list(DEFAULT_FORMS), description="Training forms every kept retain prompt is also rewritten into: benign "
+                                         "twins trained on the model's own answer to the original prompt.")
     forms_per_prompt: int | None = Field(
-        None, ge=1, description="Rewrite each prompt into this many of its forms, chosen by a hash of the prompt "
-                                "(None: into every one).")
+        1, ge=1, description="Rewrite each prompt into this many of its forms, chosen by a hash of the prompt "
+                             "(None: into every one).")
     retain_max_new_tokens: int = Field(32, gt=0, description="Length of the model's own retain answers; an answer "
                                                              "cut there is trained without the end-of-turn token.")
     retain_keep_refusals: bool = Field(False, description="Keep the retain answers in which the model refuses the "
