@@ -58,3 +58,19 @@ def test_matplotlib_is_imported_lazily():
     code = "import sys, safetypatch.report; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_bar_chart_draws_out_of_family_tasks_in_panels_of_their_own(write_results, monkeypatch):
+    from safetypatch.report import plots
+
+    builder = ResultsBuilder("org/families", device="cpu")
+    for task, family, metric in (("harmbench", "in", "refusal_rate"), ("strongreject", "out", "refusal_rate"),
+                                 ("harmbench-dev", "dev", "refusal_rate"), ("xstest-safe", "out", "over_refusal_rate")):
+        builder.add_task(task, version=1, n_samples=40, config={"family": family})
+        builder.add_metric(task, metric, "keyword_v2_w256", MetricValue(0.5, 0.08, 0.35, 0.65, 40), True)
+    drawn = []
+    monkeypatch.setattr(plots, "_bar_panel", lambda ax, rows, n, title, ylabel: drawn.append(
+        (title.split(":")[0], [row.task for row in rows])))
+    plots.bar_chart(compare([read_results(write_results(builder, "families"))]))
+    assert drawn == [("Safety", ["harmbench", "harmbench-dev"]), ("Safety out-of-family", ["strongreject"]),
+                     ("Over-refusal out-of-family", ["xstest-safe"])]

@@ -25,8 +25,13 @@ COLOURS = ("#9e9e9e", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8
            "#bcbd22")
 # (families drawn together, panel title, y-axis label)
 PANELS = (
-    (("harmful_refusal",), "Safety: refusal of harmful prompts (higher is better)", "refused (%)"),
-    (("over_refusal",), "Over-refusal: refusal of benign prompts (lower is better)", "refused (%)"),
+    (("harmful_refusal", "harmful_refusal_dev"), "Safety: refusal of harmful prompts (higher is better)",
+     "refused (%)"),
+    (("over_refusal", "over_refusal_dev"), "Over-refusal: refusal of benign prompts (lower is better)", "refused (%)"),
+    (("harmful_refusal_out",), "Safety out-of-family: refusal of harmful prompts no recipe trains on (higher is "
+     "better)", "refused (%)"),
+    (("over_refusal_out",), "Over-refusal out-of-family: benign prompts no recipe trains on (lower is better)",
+     "refused (%)"),
     (("capability", "exact_match"), "Capability (higher is better)", "accuracy (%)"),
 )
 
