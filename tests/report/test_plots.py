@@ -64,8 +64,9 @@ def test_bar_chart_draws_out_of_family_tasks_in_panels_of_their_own(write_result
     from safetypatch.report import plots
 
     builder = ResultsBuilder("org/families", device="cpu")
-    for task, family, metric in (("harmbench", "in", "refusal_rate"), ("strongreject", "out", "refusal_rate"),
-                                 ("harmbench-dev", "dev", "refusal_rate"), ("xstest-safe", "out", "over_refusal_rate")):
+    tasks = (("harmbench", "in", "refusal_rate"), ("strongreject", "out", "refusal_rate"),
+             ("harmbench-dev", "dev", "refusal_rate"), ("xstest-safe", "out", "over_refusal_rate"))
+    for task, family, metric in tasks:
         builder.add_task(task, version=1, n_samples=40, config={"family": family})
         builder.add_metric(task, metric, "keyword_v2_w256", MetricValue(0.5, 0.08, 0.35, 0.65, 40), True)
     drawn = []
