@@ -89,3 +89,17 @@ def test_the_probe_learns_from_the_patch_training_sets_and_refuses_out_of_family
     assert cfg.harmful == api.TrainConfig().harmful and cfg.benign == api.TrainConfig().retain
     with pytest.raises(ConfigError, match=r"benign names \['xstest-safe'\].*out-of-family"):
         ProbeConfig(benign=["everyday-requests", "xstest-safe"])
+
+
+def test_an_empty_forms_option_turns_the_default_forms_off(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from safetypatch.cli import app
+
+    seen = []
+    monkeypatch.setattr(api, "train_patch", lambda cfg, progress=None: seen.append(cfg) or (_ for _ in ()).throw(
+        SystemExit(0)))
+    CliRunner().invoke(app, ["train", "--harmful-forms", "", "--retain-forms", "", "-o", str(tmp_path / "p")])
+    CliRunner().invoke(app, ["train", "-o", str(tmp_path / "q")])
+    assert (seen[0].harmful_forms, seen[0].retain_forms) == ([], [])
+    assert seen[1].harmful_forms == seen[1].retain_forms == ["question", "past", "hypothetical", "roleplay"]

@@ -261,4 +261,5 @@ def pairs(values: list[str] | None) -> dict[str, str] | None:
 
 
 def split(text: str | None) -> list[str] | None:
-    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+    """A comma-separated option as a list: None when not given, [] when given empty (``--retain-forms ''``)."""
+    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
