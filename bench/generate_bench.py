@@ -9,10 +9,10 @@ generated tokens (the stop token included) per second. Greedy outputs are compar
 
 ``--tasks`` measures the evaluation's own batching instead (issue 30 goal: ``eval --preset standard`` ≥ 2× faster
 with every answer identical): every prompt of the named safety tasks as ``safetypatch eval`` generates them (a
-task's held-out rows, ``--limit`` a seeded sample), batch ``--batch-size`` (64 there), generated with whole batches
-(``batching="whole"``: the batching before) and grouped ones (``"grouped"``: length groups, shared prefix run
-once), alternating ``--repeats`` times (so that a change of machine load hits both sides), each answer compared
-token for token.
+task's held-out rows, ``--limit`` a seeded sample), batch ``--batch-size`` (64 there), generated as before
+(``whole``: ``batching="whole"``, one batch at a time on torch's threads) and as now (``grouped``: length groups,
+shared prefix run once, groups side by side on the cores), alternating ``--repeats`` times (so that a change of
+machine load hits both sides), each answer compared token for token.
 ``--compare-samples OLD NEW`` compares the per-sample files of two ``safetypatch eval`` output folders (one run of
 the code before, one after): response, token count and finish reason of every generated answer. Usage (from the
 repository root)::
@@ -147,7 +147,8 @@ def run_eval_batching(model: str, tasks: list[str], limit: int | None, max_new_t
         for _ in range(repeats):
             for side, protocol in sides.items():
                 start = time.perf_counter()
-                answers[side] = generate_chat(loaded.model, loaded.tokenizer, prompts, protocol)
+                answers[side] = generate_chat(loaded.model, loaded.tokenizer, prompts, protocol,
+                                              workers=1 if side == "whole" else None)
                 rounds[side].append(round(time.perf_counter() - start, 3))
             identical = min(identical, sum(
                 (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason)

@@ -28,6 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from safetypatch.errors import ConfigError
+from safetypatch.eval.cores import cpu_workers, map_on_cores
 from safetypatch.eval.logprobs import cache_argument, causal_lm, decoder_forward, eval_mode, output_cache, pad_left
 from safetypatch.models.chat import END_OF_TURN_TOKENS, end_of_turn_ids, render_user_turn
 
@@ -188,6 +189,7 @@ def generate_chat(
     prompts: Sequence[str],
     protocol: GenerationProtocol,
     progress: Callable[[int, int], None] | None = None,
+    workers: int | None = None,
 ) -> list[Generation]:
     """Generate one response per prompt under the pinned protocol (docs/methods.md §4.4).
 
@@ -203,6 +205,8 @@ def generate_chat(
         prompts: user turns.
         protocol: the generation settings (recorded by the caller with :meth:`GenerationProtocol.to_dict`).
         progress: called as ``progress(done, total)`` after each group.
+        workers: groups generated side by side (:func:`~safetypatch.eval.cores.map_on_cores`, the same answers);
+            ``None``: one per torch thread on a CPU, one on an accelerator or when sampling.
 
     Returns:
         One :class:`Generation` per prompt, in input order.
@@ -219,13 +223,20 @@ def generate_chat(
     kwargs = _generate_kwargs(model, protocol, stops, pad_id)
     new_ids: dict[int, list[int]] = {}
     share = protocol.batching == "grouped" and _can_share_prefix(model)
+    groups = _groups([len(ids) for ids in encoded], protocol)
+    if workers is None:
+        workers = 1 if protocol.do_sample else cpu_workers(model.get_input_embeddings().weight.device)
+    costs = [group_cost(len(batch), max(len(encoded[i]) for i in batch), protocol.max_new_tokens) for batch in groups]
+
+    def run(batch: list[int]) -> list[list[int]]:
+        rows = [encoded[i] for i in batch]
+        with torch.inference_mode():
+            return _generate_group(model, rows, shared_prefix(rows) if share else 0, pad_id, kwargs)
+
     torch.manual_seed(protocol.seed)
-    with torch.inference_mode(), eval_mode(model):
-        for batch in _groups([len(ids) for ids in encoded], protocol):
-            rows = [encoded[i] for i in batch]
-            for i, ids in zip(batch, _generate_group(model, rows, shared_prefix(rows) if share else 0, pad_id, kwargs),
-                              strict=True):
-                new_ids[i] = ids
+    with eval_mode(model):
+        for batch, new in zip(groups, map_on_cores(run, groups, workers, costs), strict=True):
+            new_ids.update(zip(batch, new, strict=True))
             if progress is not None:
                 progress(len(new_ids), len(prompts))
     return [_finish(tokenizer, prompts[i], texts[i], new_ids[i], stops) for i in range(len(prompts))]
@@ -263,6 +274,18 @@ _ATTENTION_TOKENS = 2500.0
 _DECODE_ATTENTION_TOKENS = 340.0
 
 
+def group_cost(rows: int, longest: int, max_new_tokens: int) -> float:
+    """Estimated cost of generating one group (units of one prompt token through the decoder; cost model above).
+
+    Args:
+        rows: prompts in the group.
+        longest: token count of its longest prompt (every row is padded to it).
+        max_new_tokens: the steps the group may run.
+    """
+    prefill = rows * longest * (1 + longest / _ATTENTION_TOKENS)
+    return prefill + max_new_tokens * (_STEP_COST + rows * _ROW_STEP_COST * (1 + longest / _DECODE_ATTENTION_TOKENS))
+
+
 def length_groups(lengths: Sequence[int], max_new_tokens: int) -> list[int]:
     """Where to split one batch of prompts sorted longest first: the group sizes of the least estimated cost.
 
@@ -285,17 +308,11 @@ def length_groups(lengths: Sequence[int], max_new_tokens: int) -> list[int]:
     if any(lengths[k] < lengths[k + 1] for k in range(n - 1)):
         raise ValueError("length_groups needs the lengths sorted longest first")
 
-    def cost(start: int, stop: int) -> float:
-        rows, longest = stop - start, lengths[start]
-        prefill = rows * longest * (1 + longest / _ATTENTION_TOKENS)
-        return prefill + max_new_tokens * (
-            _STEP_COST + rows * _ROW_STEP_COST * (1 + longest / _DECODE_ATTENTION_TOKENS))
-
     best = [0.0] + [float("inf")] * n
     cut = [0] * (n + 1)
     for stop in range(1, n + 1):
         for start in range(stop):
-            total = best[start] + cost(start, stop)
+            total = best[start] + group_cost(stop - start, lengths[start], max_new_tokens)
             if total < best[stop]:
                 best[stop], cut[stop] = total, start
     sizes: list[int] = []

@@ -20,6 +20,7 @@ import torch
 
 from safetypatch.data.schema import Example
 from safetypatch.errors import DataError
+from safetypatch.eval.cores import cpu_workers, map_on_cores
 from safetypatch.eval.logprobs import (
     causal_lm,
     decoder_forward,
@@ -156,7 +157,8 @@ def score_multiple_choice(
 
     Items are sorted by length into batches of ``batch_size`` items; each batch runs the left-padded contexts once
     with a KV cache, then all choices' continuations against the cache rows of their item. Results do not depend on
-    the batch size beyond fp32 rounding.
+    the batch size beyond fp32 rounding. On a CPU, batches run side by side, one per torch thread
+    (:func:`~safetypatch.eval.cores.map_on_cores`; the same numbers).
 
     Args:
         model: a transformers causal LM or a PEFT ``PeftModel``.
@@ -183,11 +185,17 @@ def score_multiple_choice(
     order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i].context) + _longest(encoded[i])))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sums: dict[int, list[float]] = {}
-    with torch.inference_mode(), eval_mode(lm):
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            for i, lls in zip(batch, _score_batch(lm, [encoded[i] for i in batch], pad_id), strict=True):
-                sums[i] = lls
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+    def score(batch: list[int]) -> list[list[float]]:
+        with torch.inference_mode():
+            return _score_batch(lm, [encoded[i] for i in batch], pad_id)
+
+    with eval_mode(lm):
+        costs = [sum(len(encoded[i].context) + sum(map(len, encoded[i].continuations)) for i in batch)
+                 for batch in batches]
+        for batch, scored in zip(batches, map_on_cores(score, batches, cpu_workers(lm.device), costs), strict=True):
+            sums.update(zip(batch, scored, strict=True))
             if progress is not None:
                 progress(len(sums), len(order))
     return [
