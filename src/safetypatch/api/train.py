@@ -403,8 +403,9 @@ def _safety_eval_prompts(splits: dict[str, Any]) -> list[str]:
     from safetypatch.eval.task import TASKS
 
     names = {TASKS.get(t).dataset for t in TASKS if TASKS.get(t).task_kind.judged}
-    held = {name: splits[name] if name in splits else canonical_split(load_dataset(name)) for name in names}
-    dev = [development_split(load_dataset(name), n).eval for name in sorted(names) if (n := dev_row_count(name))]
+    datasets = {name: load_dataset(name) for name in names if name not in splits or dev_row_count(name)}
+    held = {name: splits[name] if name in splits else canonical_split(datasets[name]) for name in names}
+    dev = [development_split(datasets[name], n).eval for name in sorted(names) if (n := dev_row_count(name))]
     return [row.prompt for split in [*held.values(), *splits.values()] for row in split.eval.rows] + [
         row.prompt for rows in dev for row in rows.rows]
 
