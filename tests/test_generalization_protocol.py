@@ -103,3 +103,13 @@ def test_an_empty_forms_option_turns_the_default_forms_off(monkeypatch, tmp_path
     CliRunner().invoke(app, ["train", "-o", str(tmp_path / "q")])
     assert (seen[0].harmful_forms, seen[0].retain_forms) == ([], [])
     assert seen[1].harmful_forms == seen[1].retain_forms == ["question", "past", "hypothetical", "roleplay"]
+
+
+def test_a_small_retain_budget_is_dealt_over_every_retain_set():
+    from safetypatch.api.train import spread
+
+    sets = [[f"a{i}" for i in range(10)], ["b0", "b1"], [f"c{i}" for i in range(5)], []]
+    assert spread(sets, 7) == ["a0", "a1", "a2", "b0", "b1", "c0", "c1"]
+    assert spread(sets, 3) == ["a0", "b0", "c0"]
+    assert spread(sets, 100) == [p for prompts in sets for p in prompts]  # the whole budget keeps the sets' order
+    assert spread(sets, 0) == []

@@ -67,9 +67,9 @@ class TrainConfig(StrictConfig):
                           "is an error that lists the ones it has. Unset: DEFAULT_CATEGORIES.")
     retain: list[str] = Field(
         ["everyday-requests", "public-knowledge", "contrast-benign", "benign-edgy", "chat"],
-        description="Benign sets (train halves less their development rows) whose first recipe.retain_count prompts "
-                    "the model answers itself: look-alikes of harmful requests (docs/patches.md); out-of-family sets "
-                    "are refused.")
+        description="Benign sets (train halves less their development rows) whose prompts the model answers "
+                    "itself, recipe.retain_count of them dealt evenly over the sets: look-alikes of harmful "
+                    "requests (docs/patches.md); out-of-family sets are refused.")
     harmful_forms: list[str] = Field(
         list(DEFAULT_FORMS), description="Training forms (data.forms) every harmful prompt is also rewritten into, "
                                          "each copy paired with a refusal (docs/generalization.md); [] for none.")
@@ -276,7 +276,8 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
     harmful += [replace(harmful[i], prompt=text)
                 for i, text in augment([row.prompt for row in harmful], cfg.harmful_forms, recipe.seed,
                                        cfg.forms_per_prompt)]
-    benign = [row.prompt for name in cfg.retain for row in unseen.rows(splits[name].train.rows)][: recipe.retain_count]
+    benign = spread([[row.prompt for row in unseen.rows(splits[name].train.rows)] for name in cfg.retain],
+                    recipe.retain_count)
     twins = augment(benign, cfg.retain_forms, recipe.seed, cfg.forms_per_prompt)
     train_prompts = [row.prompt for row in harmful] + benign + [text for _, text in twins]
     check_no_overlap(train_prompts, held_out, what="patch training prompts vs evaluation splits")
@@ -320,6 +321,20 @@ def train_patch(config: TrainConfig | None = None, progress: Progress | None = N
     checkpoints.remove()
     return TrainPatchResult(cfg.output, result.to_dict(), len(harmful), len(retained), time.perf_counter() - start,
                             written=result.launch.is_main_process)
+
+
+def spread(per_set: list[list[str]], count: int) -> list[str]:
+    """The first ``count`` prompts dealt evenly over the sets: each set gives its first prompts in turn (a set that
+    runs out leaves its share to the others), and the chosen ones come back in the sets' order. Every prompt when
+    ``count`` covers them all, so a small retain budget still meets every retain set, not only the first one."""
+    taken = [0] * len(per_set)
+    left = min(count, sum(map(len, per_set)))
+    while left:
+        for i, prompts in enumerate(per_set):
+            if left and taken[i] < len(prompts):
+                taken[i] += 1
+                left -= 1
+    return [prompt for prompts, n in zip(per_set, taken, strict=True) for prompt in prompts[:n]]
 
 
 def own_refusals(responses: list[str]) -> list[bool]:
