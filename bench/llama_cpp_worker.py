@@ -9,12 +9,15 @@ that tokenisation is not part of the comparison:
   at a token of ``stop`` (not included);
 - ``probe``: evaluated once each; the log-probabilities of the next token at every position are kept.
 
-Per variant it writes ``<out>/<name>.json`` (answers, seconds, llama-cpp-python version) and ``<out>/<name>.npz``
-(one float32 array [positions, vocabulary] per probe prompt, ``arr_0``, ``arr_1``, ...).
+Per variant it writes ``<out>/<name>.json`` (answers, seconds, llama-cpp-python version, the variant's ``key``) and
+``<out>/<name>.npz`` (one float32 array [positions, vocabulary] per probe prompt, ``arr_0``, ``arr_1``, ...). The key
+is the sha256 of the variant's files, the token ids and the settings; with ``reuse`` in the job a variant whose
+``<name>.json`` holds the same key is not run again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import sys
@@ -57,12 +60,28 @@ def next_token_logprobs(llm: Any, prompt: list[int]) -> Any:
     return log_softmax(np.asarray(llm.scores[: len(prompt)]))
 
 
+def variant_key(job: dict[str, Any], variant: dict[str, Any], version: str) -> str:
+    """The sha256 of what a variant's outputs depend on: its model and adapter files' bytes, the token ids, the
+    settings and llama-cpp-python's version."""
+    digest = hashlib.sha256()
+    for path in (variant["model"], variant.get("lora")):
+        if path is not None and Path(path).is_file():
+            with open(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(chunk)
+    settings = {key: job.get(key) for key in ("prompts", "probe", "max_new_tokens", "stop", "n_ctx", "threads",
+                                               "n_gpu_layers", "kv_f32")}
+    digest.update(json.dumps([settings, version, variant.get("lora") is not None], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
 def run_job(job: dict[str, Any], llama: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Run every variant of ``job`` and write its files; returns {variant name: its JSON record}.
 
     Args:
         job: ``variants`` ([{name, model, lora}]), ``prompts``, ``probe``, ``max_new_tokens``, ``stop``, ``n_ctx``,
-            ``threads``, ``n_gpu_layers`` and ``out`` (a folder).
+            ``threads``, ``n_gpu_layers`` and ``out`` (a folder); optional ``reuse`` and ``kv_f32`` (the KV cache
+            in fp32 instead of llama.cpp's f16).
         llama: the model class (default ``llama_cpp.Llama``; tests pass a stand-in).
     """
     import numpy as np
@@ -74,18 +93,30 @@ def run_job(job: dict[str, Any], llama: Callable[..., Any] | None = None) -> dic
     out.mkdir(parents=True, exist_ok=True)
     records = {}
     for variant in job["variants"]:
+        key = variant_key(job, variant, version)
+        done = out / f"{variant['name']}.json"
+        if job.get("reuse") and done.is_file() and (out / f"{variant['name']}.npz").is_file():
+            record = json.loads(done.read_text())
+            if record.get("key") == key:
+                print(f"{variant['name']}: reused", file=sys.stderr, flush=True)
+                records[variant["name"]] = record
+                continue
+        print(f"{variant['name']}: {variant['model']}" + (f" + {variant['lora']}" if variant.get("lora") else ""),
+              file=sys.stderr, flush=True)
         start = time.perf_counter()
         options: dict[str, Any] = {"model_path": variant["model"], "n_ctx": job["n_ctx"], "logits_all": True,
                                    "n_threads": job["threads"], "n_gpu_layers": job["n_gpu_layers"], "seed": 0,
                                    "verbose": False}
         if variant.get("lora"):
             options.update(lora_path=variant["lora"], lora_scale=1.0)
+        if job.get("kv_f32"):
+            options.update(type_k=0, type_v=0)  # GGML_TYPE_F32: the KV cache in fp32 (llama.cpp's default is f16)
         llm = llama(**options)
         answers = [greedy(llm, prompt, job["max_new_tokens"], job["stop"]) for prompt in job["prompts"]]
         np.savez(out / f"{variant['name']}.npz", *[next_token_logprobs(llm, prompt) for prompt in job["probe"]])
         records[variant["name"]] = {"answers": answers, "seconds": time.perf_counter() - start,
                                     "llama_cpp_python": version, "model": variant["model"],
-                                    "lora": variant.get("lora")}
+                                    "lora": variant.get("lora"), "key": key}
         (out / f"{variant['name']}.json").write_text(json.dumps(records[variant["name"]]) + "\n")
         del llm
     return records

@@ -53,17 +53,28 @@ def test_answers_and_log_probabilities_are_compared_exactly():
         check.compare_logprobs(ours, ours[:1])
 
 
-def test_acceptance_holds_the_adapter_and_the_f16_merge_to_the_floor():
-    def row(kl: float, refusals: float) -> dict:
-        return {"logprobs": {"mean_kl": kl}, "refusal_rate": {"harmbench": refusals, "xstest-safe": 0.0},
+def test_acceptance_is_the_issues_adapter_rate_refusal_points_and_merged_log_prob_bar():
+    def row(identical: int, refusals: float, max_diff: float) -> dict:
+        return {"answers": {"prompts": 80, "identical": identical}, "logprobs": {"max_abs_logprob_diff": max_diff},
+                "refusal_rate": {"harmbench": refusals, "xstest-safe": 0.0},
                 "reference_refusal_rate": {"harmbench": 0.5, "xstest-safe": 0.0}}
 
-    rows = {"base": row(0.01, 0.0), "adapter": row(0.015, 0.5 + 2 / 40), "merged-f16": row(0.05, 0.5)}
-    assert check.acceptance(rows, 40) == {
-        "adapter_refusals_within_2_prompts": True, "adapter_kl_within_twice_the_floor": True,
-        "merged-f16_refusals_within_2_prompts": True, "merged-f16_kl_within_twice_the_floor": False}
-    rows["adapter"] = row(0.0, 0.5 + 3 / 40)
-    assert not check.acceptance(rows, 40)["adapter_refusals_within_2_prompts"]
+    rows = {"adapter-f16": row(76, 0.5, 1.0), "merged-f16": row(0, 0.0, 0.009)}
+    assert check.refusal_points(rows["adapter-f16"]) == {"harmbench": 0.0, "xstest-safe": 0.0}
+    assert check.acceptance(rows) == {
+        "adapter-f16_identical_at_least_95_percent": True, "adapter-f16_refusals_within_2_points": True,
+        "merged-f16_max_abs_logprob_diff_at_most_0.01": True}
+    rows = {"adapter-f16": row(75, 0.5 + 1 / 40, 0.0), "merged-f16": row(80, 0.5, 0.011)}
+    assert check.refusal_points(rows["adapter-f16"])["harmbench"] == pytest.approx(2.5)
+    assert not any(check.acceptance(rows).values())  # 75/80 < 95 %, one prompt of 40 is 2.5 points, 0.011 > 0.01
+
+
+def test_the_top_token_difference_looks_only_at_the_references_most_probable_tokens():
+    ours = [worker.log_softmax(np.arange(12, dtype=np.float64)[None, :] * 2)]
+    theirs = [ours[0].copy()]
+    theirs[0][0, 0] -= 0.5  # the least probable token moves
+    moved = check.compare_logprobs(ours, theirs)
+    assert moved["max_abs_logprob_diff"] == pytest.approx(0.5) and moved["max_abs_logprob_diff_top"] == 0
 
 
 class StandIn:
@@ -103,3 +114,20 @@ def test_the_worker_answers_greedily_until_a_stop_token_and_saves_log_probabilit
     assert logprobs.shape == (3, 6) and np.allclose(np.exp(logprobs).sum(axis=1), 1, atol=1e-5)
     assert logprobs[2].argmax() == 0 and logprobs[0, 0] == pytest.approx(-math.log(6), abs=1e-6)
     assert worker.greedy(StandIn(n_ctx=4), [0], max_new_tokens=1, stop=[5]) == [1]
+
+
+def test_the_worker_reuses_a_variant_only_when_its_files_ids_and_settings_are_unchanged(tmp_path):
+    model = tmp_path / "b.gguf"
+    model.write_bytes(b"weights")
+    job = {"variants": [{"name": "base", "model": str(model), "lora": None}], "prompts": [[0, 1]], "probe": [[0]],
+           "max_new_tokens": 4, "stop": [5], "n_ctx": 16, "threads": 1, "n_gpu_layers": 0,
+           "out": str(tmp_path / "out"), "reuse": True}
+    StandIn.made.clear()
+    worker.run_job(job, llama=StandIn)
+    worker.run_job(job, llama=StandIn)
+    assert len(StandIn.made) == 1  # the second run read the first one's files
+    model.write_bytes(b"other weights")
+    worker.run_job(job, llama=StandIn)
+    worker.run_job({**job, "max_new_tokens": 2}, llama=StandIn)
+    worker.run_job({**job, "reuse": False}, llama=StandIn)
+    assert len(StandIn.made) == 4
