@@ -53,10 +53,10 @@ def test_the_demo_budget_shrinks_the_patch_and_explicit_settings_win(tmp_path):
     from safetypatch.api.demo import DEMO_BUDGET, DEMO_N_HARMFUL, demo_train_config
 
     small = demo_train_config(api.DemoConfig(), tmp_path / "p")
-    assert (small.n_harmful, small.recipe_overrides) == (DEMO_N_HARMFUL, DEMO_BUDGET) == (40, {
-        "learning_rate": 4e-4, "retain_count": 160, "num_train_epochs": 1.0, "retain_unlikelihood": 0.0})
+    assert (small.n_harmful, small.recipe_overrides) == (DEMO_N_HARMFUL, DEMO_BUDGET) == (40, {"retain_count": 320})
     assert small.harmful == [n for n in api.TrainConfig().harmful if n != "donotanswer"]
-    assert small.patch_recipe().num_train_epochs == 1 and small.patch_recipe().retain_unlikelihood == 0
+    default = api.TrainConfig().patch_recipe()
+    assert small.patch_recipe() == default.model_copy(update={"retain_count": 320})  # the default recipe
     mine = demo_train_config(api.DemoConfig(n_harmful=7, recipe_overrides={"learning_rate": 1e-4}), tmp_path / "p")
     assert (mine.n_harmful, mine.recipe_overrides) == (7, {**DEMO_BUDGET, "learning_rate": 1e-4})
     full = demo_train_config(api.DemoConfig(budget="full"), tmp_path / "p")

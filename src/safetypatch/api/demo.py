@@ -29,11 +29,12 @@ STEP_MINUTES = {"evaluate before": 4, "train patch": 5, "evaluate after": 4, "re
 """Minutes each step took on 2 CPU cores without bf16, the embedded model and the defaults (shown as the plan)."""
 DEMO_N_HARMFUL = 40
 DEMO_HARMFUL = ["harmbench", "advbench", "xstest-unsafe", "contrast-harmful"]
-DEMO_BUDGET: dict[str, Any] = {"learning_rate": 4e-4, "retain_count": 160, "num_train_epochs": 1.0,
-                               "retain_unlikelihood": 0.0}
-"""The demo's patch under ``budget="demo"``: 40 prompts of each of :data:`DEMO_HARMFUL` and 160 retain prompts, one
-epoch at twice the learning rate without the unlikelihood term, so the whole demo ends in under 20 minutes on 2 CPU
-cores without bf16 (docs/performance.md); ``safetypatch train`` (and ``--budget full``) trains the default recipe."""
+DEMO_BUDGET: dict[str, Any] = {"retain_count": 320}
+"""The demo's patch under ``budget="demo"``: the default recipe on fewer prompts, 40 of each of :data:`DEMO_HARMFUL`
+(each also in one training form) and 320 retain prompts dealt over every retain set, so the whole demo stays near a
+quarter of an hour on 2 CPU cores (docs/performance.md). Chosen on the development rows among smaller and faster
+budgets, which refused half of the benign development requests (docs/results/2026-12-05-generalization.md, *The
+demo's budget*); ``safetypatch train`` (and ``--budget full``) trains the default patch on every prompt."""
 
 
 class DemoConfig(StrictConfig):
@@ -45,8 +46,8 @@ class DemoConfig(StrictConfig):
     recipe_overrides: dict[str, Any] = Field(default_factory=dict, description="PatchRecipe fields that win over the "
                                                                                 "recipe's (e.g. learning_rate, r).")
     budget: Literal["demo", "full"] = Field(
-        "demo", description="demo: a smaller patch (40 prompts per harmful set, 160 retain prompts, 1 epoch at lr "
-                            "4e-4, no unlikelihood term) so the run ends in under 20 minutes on 2 CPU cores; full: "
+        "demo", description="demo: the default recipe on fewer prompts (40 per harmful set, 320 retain prompts) so "
+                            "the run stays near a quarter of an hour on 2 CPU cores; full: "
                             "safetypatch train's defaults.")
     n_harmful: int | None = Field(None, gt=0, description="Most harmful training prompts per set (budget demo: 40; "
                                                           "full: train's default).")
