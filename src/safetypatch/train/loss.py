@@ -9,6 +9,13 @@ gathers shards and synchronises gradients in its forward. There the loss reads t
 TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``, which ``SFTTrainer`` installs on the model): the same
 supervised tokens, scored in chunks without the full logits. The retain unlikelihood term needs whole distributions
 at the first completion positions; with it on, the wrapper's forward returns the full logits instead.
+
+Even at the supervised positions the logits (n × vocab, and their fp32 log-softmax and gradient: about 0.3 GB for
+500 positions of a 49k vocabulary) are a large share of a step's peak, since they exist while every activation is
+still held for the backward pass. :class:`ChunkedNLL` therefore scores the supervised positions a few rows at a
+time and computes their logits again in the backward pass (an LM-head product over the supervised rows only, a few
+per cent of a step) instead of keeping them: the same operations on the same values row for row, so the same loss
+and gradients (``tests/train/test_memory.py``).
 """
 
 from __future__ import annotations
@@ -62,14 +69,102 @@ def supervised_logits(model: Any, inputs: dict[str, torch.Tensor], mask: torch.T
     """
     if not fast_path_supported(model):
         return model(**inputs, use_cache=False).logits[:, :-1][mask]
+    hidden, head, cap = supervised_states(model, inputs, mask)
+    return _head_logits(hidden, head, cap)
+
+
+def supervised_states(model: Any, inputs: dict[str, torch.Tensor],
+                      mask: torch.Tensor) -> tuple[torch.Tensor, Any, float | None]:
+    """The backbone's last hidden states at the supervised positions (n_supervised × hidden), the LM head and the
+    final-logit soft-cap (None: none) of a model with :func:`fast_path_supported`."""
     base = unwrap_causal_lm(model)
     backbone = getattr(base, base.base_model_prefix)
     hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1][mask]
-    logits = base.get_output_embeddings()(hidden)
-    cap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+    return hidden, base.get_output_embeddings(), getattr(base.config.get_text_config(), "final_logit_softcapping",
+                                                         None) or None
+
+
+def _head_logits(hidden: torch.Tensor, head: Any, cap: float | None) -> torch.Tensor:
+    logits = head(hidden)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+# Rows × vocab elements per chunk of ChunkedNLL: 4 Mi elements, 16 MiB per fp32 tensor of a chunk.
+CHUNK_ELEMENTS = 1 << 22
+
+
+class ChunkedNLL(torch.autograd.Function):
+    """−log p(target) at each row of ``hidden`` under the LM head ``weight`` (optionally soft-capped), computed a
+    few rows at a time, and the logits of the rows ``keep`` (for the unlikelihood term); the backward pass computes
+    each chunk's logits again instead of keeping them.
+
+    The operations are those of ``logits = lm_head(hidden)`` (then ``tanh(logits / cap) · cap``), ``F.cross_entropy(
+    logits.float(), targets, reduction="none")`` and ``logits[keep]``, in ``dtype`` (the autocast dtype, or the
+    weights' own), chunk by chunk; the backward pass repeats autograd's (nll_loss, log_softmax, cast, the sum with
+    the kept rows' gradient, soft-cap and matrix-product backward), so loss and gradients are those of the unchunked
+    computation. The head's weight gets no gradient (it is frozen in a LoRA patch).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor,
+                cap: float | None, dtype: torch.dtype, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        low, weight_low = hidden.to(dtype), weight.to(dtype)
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        kept = torch.empty(len(keep), weight.shape[0], dtype=dtype, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            chunk = slice(start, start + rows)
+            log_p, scored, _ = ChunkedNLL._log_probs(low[chunk], weight_low, cap)
+            out[chunk] = -log_p.gather(1, targets[chunk, None]).squeeze(1)
+            here = (keep >= start) & (keep < start + rows)
+            if bool(here.any()):
+                kept[here] = scored[keep[here] - start]
+        ctx.save_for_backward(low, weight, targets, keep)
+        ctx.cap, ctx.dtype, ctx.rows, ctx.hidden_dtype = cap, dtype, rows, hidden.dtype
+        return out, kept
+
+    @staticmethod
+    def _log_probs(low: torch.Tensor, weight: torch.Tensor,
+                   cap: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        logits = F.linear(low, weight)
+        capped = torch.tanh(logits / cap) if cap else None
+        scored = capped * cap if cap else logits
+        return torch.log_softmax(scored.float(), dim=-1), scored, capped
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, grad_kept: torch.Tensor | None) -> tuple[Any, ...]:
+        low, weight, targets, keep = ctx.saved_tensors
+        cap, dtype, rows = ctx.cap, ctx.dtype, ctx.rows
+        weight_low = weight.to(dtype)
+        grad_hidden = torch.empty(low.shape, dtype=ctx.hidden_dtype, device=low.device)
+        for start in range(0, low.shape[0], rows):
+            chunk = slice(start, start + rows)
+            log_p, _, capped = ChunkedNLL._log_probs(low[chunk], weight_low, cap)
+            grad_log_p = torch.zeros_like(log_p).scatter_(1, targets[chunk, None], -grad[chunk, None].float())
+            grad_logits = torch._log_softmax_backward_data(grad_log_p, log_p, -1, log_p.dtype).to(dtype)
+            here = (keep >= start) & (keep < start + rows)
+            if grad_kept is not None and bool(here.any()):
+                grad_logits[keep[here] - start] += grad_kept[here].to(dtype)
+            if cap:
+                grad_logits = torch.ops.aten.tanh_backward(grad_logits * cap, capped) / cap
+            grad_hidden[chunk] = grad_logits.mm(weight_low).to(ctx.hidden_dtype)
+        return grad_hidden, None, None, None, None, None, None
+
+
+def _chunked_nll(hidden: torch.Tensor, head: Any, cap: float | None, targets: torch.Tensor,
+                 keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:class:`ChunkedNLL` over ``hidden`` with ``head`` (the NLL at every row, the logits at the rows ``keep``), or
+    None where it is not the same computation (a head with a bias, or trained, as in the full-parameter mode)."""
+    weight = getattr(head, "weight", None)
+    if (type(head) is not torch.nn.Linear or head.bias is not None or weight is None or weight.requires_grad
+            or hidden.shape[0] == 0):
+        return None
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    with torch.autocast(device, enabled=False):
+        return ChunkedNLL.apply(hidden, weight, targets, keep, cap, dtype, rows)
 
 
 def completion_loss(
@@ -127,13 +222,23 @@ def completion_loss(
     distilled = distill is not None and bool(distill.any())
     if distilled and (wrapped or teacher_logits is None):
         raise ValueError("completion_loss: distill needs teacher_logits and an unwrapped model")
+    nll = first_logits = None  # first_logits: the logits at the unlikelihood rows, where only those are formed
     if wrapped and not penalise:
         nll = -model(**inputs, labels=labels, fused_lm_head=True).log_probs[mask].float()
+    elif not wrapped and not distilled and fast_path_supported(model):
+        hidden, head, cap = supervised_states(model, inputs, mask)
+        keep = _first_rows(mask, unlikely).nonzero()[:, 0] if penalise else mask.new_zeros(0, dtype=torch.long)
+        chunked = _chunked_nll(hidden, head, cap, shifted[mask], keep)
+        if chunked is None:
+            logits = _head_logits(hidden, head, cap)
+        else:
+            nll, first_logits = chunked
     else:
         # The unlikelihood term needs whole distributions, which the fused head does not return: a wrapper's own
         # forward then gives the full logits.
         logits = (model(**inputs, use_cache=False).logits[:, :-1][mask] if wrapped
                   else supervised_logits(model, inputs, mask))
+    if nll is None:
         nll = F.cross_entropy(logits.float(), shifted[mask], reduction="none")
     if distilled:
         flagged = distill.to(torch.bool)[:, None].expand_as(shifted)[mask]
@@ -147,10 +252,15 @@ def completion_loss(
         lead = mask.cumsum(dim=1)[mask] <= lead_tokens
         nll = torch.where(lead, nll * lead_weight, nll)
     if penalise:
-        first = (mask.cumsum(dim=1)[mask] == 1) & unlikely.to(torch.bool)[mask.nonzero()[:, 0]]
-        log_p = torch.log_softmax(logits[first].float(), dim=-1)
+        first = _first_rows(mask, unlikely)
+        log_p = torch.log_softmax((logits[first] if first_logits is None else first_logits).float(), dim=-1)
         p_open = log_p[:, list(openings)].logsumexp(dim=-1).exp().clamp(max=1 - 1e-6)
         nll = nll.index_add(0, first.nonzero()[:, 0], -unlikelihood_weight * torch.log1p(-p_open))
     count = int(mask.sum())
     denominator = torch.as_tensor(num_items if num_items is not None else count, device=nll.device).clamp(min=1)
     return nll.sum() / denominator, count
+
+
+def _first_rows(mask: torch.Tensor, unlikely: torch.Tensor) -> torch.Tensor:
+    """Among the supervised positions (row-major order of ``mask``), the first of each flagged example."""
+    return (mask.cumsum(dim=1)[mask] == 1) & unlikely.to(torch.bool)[mask.nonzero()[:, 0]]

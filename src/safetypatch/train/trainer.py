@@ -15,6 +15,7 @@ from trl import SFTTrainer
 
 from safetypatch.errors import ConfigError
 from safetypatch.models.blocks import decoder_layers
+from safetypatch.train.lean import lean_forward
 from safetypatch.train.loss import IGNORE_INDEX, completion_loss, supervised_logits
 from safetypatch.train.regularizer import OverlapRegularizer
 from safetypatch.train.representation import RefusalDirection, capture, representation_loss
@@ -37,6 +38,13 @@ class RefusalSFTTrainer(SFTTrainer):
         # Ask Trainer for the supervised-token count of the whole accumulated batch, so the CE is normalised
         # once per optimiser step whatever the accumulation (the loss below divides by it).
         self.model_accepts_loss_kwargs = True
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        # The lean forwards (train.lean: LoRA modules, gated MLPs) for the whole run, the recomputation of activation
+        # checkpointing included; FSDP and DeepSpeed hold the weights themselves and keep the modules' own forwards.
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        with contextlib.nullcontext(0) if sharded else lean_forward(self.model):
+            return super().train(*args, **kwargs)
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
