@@ -51,7 +51,9 @@ def test_train_benchmark_runs_both_trainers_on_the_same_data(tiny_model_dirs, tm
     ours, stock = result["safetypatch"], result["stock_trl"]
     assert ours["tokens"] == stock["tokens"] > 0 and ours["steps"] == stock["steps"] == 2
     assert ours["final_loss"] == pytest.approx(stock["final_loss"], rel=1e-3)  # the same objective
-    assert set(result["ratios"]) == {"peak_rss", "peak_rss_above_model", "tokens_per_second"}
+    assert set(result["ratios"]) == {"peak_rss", "peak_rss_above_model", "peak_rss_above_baseline",
+                                     "tokens_per_second"}
+    assert 0 < result["baseline"]["peak_rss_bytes"] < ours["peak_rss_bytes"]  # the fixed part alone
     setup = train_bench.Setup(model=str(tiny_model_dirs["llama"]), examples=8, batch_size=4, max_length=192,
                               threads=1, max_steps=1)
     train_bench.side_phase("stock_trl", setup, str(tmp_path / "profile.txt"))
