@@ -88,13 +88,15 @@ class Shape:
         return out | {"model.norm.weight": (h,), "lm_head.weight": (self.vocab, h)}
 
     def config(self, dtype: torch.dtype) -> dict[str, Any]:
-        """The transformers LlamaConfig of this shape, as a config.json dict."""
+        """The transformers LlamaConfig of this shape, as a config.json dict (with ``architectures``, as a saved
+        model has it: tools that pick the model class from it, such as mergekit, need it)."""
         from transformers import LlamaConfig
 
         heads = self.hidden // 64
         return LlamaConfig(hidden_size=self.hidden, intermediate_size=self.intermediate, num_hidden_layers=self.layers,
                            num_attention_heads=heads, num_key_value_heads=self.kv_dim // 64, vocab_size=self.vocab,
-                           tie_word_embeddings=False, dtype=str(dtype).removeprefix("torch.")).to_dict()
+                           tie_word_embeddings=False, dtype=str(dtype).removeprefix("torch."),
+                           architectures=["LlamaForCausalLM"]).to_dict()
 
 
 def shape_for(size_bytes: float, dtype: torch.dtype) -> Shape:
