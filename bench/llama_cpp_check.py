@@ -187,7 +187,7 @@ def compare_logprobs(ours: list[Any], theirs: list[Any]) -> dict[str, float]:
     if a.shape[1] != b.shape[1]:
         a, b = (log_softmax(x[:, :vocab]).astype(np.float64) for x in (a, b))
     diff = np.abs(a - b)
-    top = np.argsort(-a, axis=1)[:, : min(TOP_TOKENS, vocab)]
+    top = np.argpartition(-a, min(TOP_TOKENS, vocab) - 1, axis=1)[:, : min(TOP_TOKENS, vocab)]
     kl = (np.exp(a) * (a - b)).sum(axis=1)
     return {"positions": int(a.shape[0]), "vocabulary": int(vocab), "mean_abs_logprob_diff": float(diff.mean()),
             "p99_abs_logprob_diff": float(np.quantile(diff, 0.99)), "max_abs_logprob_diff": float(diff.max()),
@@ -463,14 +463,17 @@ def compare(variants: list[dict[str, Any]], ours: dict[str, Any], out: Path, n: 
         with np.load(out / f"{name}.npz") as saved:
             theirs = [saved[f"arr_{i}"] for i in range(len(ours["probe"]))]
         row = {"model": variant["model"], "lora": variant["lora"], "type": variant["type"],
-               "answers_against": "unpatched" if variant["against"] == "unpatched" else "patched (PEFT)",
                "logprobs_against": variant["against"] if variant["against"] != "patched" else "patched (PEFT)",
-               "answers": compare_answers(answers_ref, record["answers"]),
-               "refusal_rate": refusal_rates(texts(record["answers"], ours["decode"], n)),
-               "reference_refusal_rate": refusal_rates(texts(answers_ref, ours["decode"], n)),
                "logprobs": compare_logprobs(ours[variant["against"]]["logprobs"], theirs),
-               "seconds": record["seconds"]}
-        row["refusal_points"] = refusal_points(row)
+               "seconds": record["seconds"], "pieces": record.get("pieces")}
+        if record["answers"] is None:  # the probe alone was run for this variant
+            row["answers"] = None
+        else:
+            row.update({"answers_against": "unpatched" if variant["against"] == "unpatched" else "patched (PEFT)",
+                        "answers": compare_answers(answers_ref, record["answers"]),
+                        "refusal_rate": refusal_rates(texts(record["answers"], ours["decode"], n)),
+                        "reference_refusal_rate": refusal_rates(texts(answers_ref, ours["decode"], n))})
+            row["refusal_points"] = refusal_points(row)
         rows[name] = row
     return rows
 

@@ -105,13 +105,23 @@ def run_job(job: dict[str, Any], llama: Callable[..., Any] | None = None) -> dic
               file=sys.stderr, flush=True)
         start = time.perf_counter()
         options: dict[str, Any] = {"model_path": variant["model"], "n_ctx": job["n_ctx"], "logits_all": True,
-                                   "n_threads": job["threads"], "n_gpu_layers": job["n_gpu_layers"], "seed": 0,
-                                   "verbose": False}
+                                   "n_threads": job["threads"], "n_threads_batch": job["threads"],
+                                   "n_gpu_layers": job["n_gpu_layers"], "seed": 0, "verbose": False}
         if variant.get("lora"):
             options.update(lora_path=variant["lora"], lora_scale=1.0)
         if job.get("kv_f32"):
             options.update(type_k=0, type_v=0)  # GGML_TYPE_F32: the KV cache in fp32 (llama.cpp's default is f16)
         llm = llama(**options)
+        if "part" in job:  # one piece of a variant (see merge_parts): prompts[a:b], and the probe when asked
+            a, b = job["part"]["prompts"]
+            answers = [greedy(llm, prompt, job["max_new_tokens"], job["stop"]) for prompt in job["prompts"][a:b]]
+            stem = f"{variant['name']}.part-{a}-{b}"
+            if job["part"].get("probe"):
+                np.savez(out / f"{stem}.npz", *[next_token_logprobs(llm, prompt) for prompt in job["probe"]])
+            records[variant["name"]] = {"answers": answers, "seconds": time.perf_counter() - start, "key": key}
+            (out / f"{stem}.json").write_text(json.dumps(records[variant["name"]]) + "\n")
+            del llm
+            continue
         answers = [greedy(llm, prompt, job["max_new_tokens"], job["stop"]) for prompt in job["prompts"]]
         np.savez(out / f"{variant['name']}.npz", *[next_token_logprobs(llm, prompt) for prompt in job["probe"]])
         records[variant["name"]] = {"answers": answers, "seconds": time.perf_counter() - start,
@@ -120,6 +130,39 @@ def run_job(job: dict[str, Any], llama: Callable[..., Any] | None = None) -> dic
         (out / f"{variant['name']}.json").write_text(json.dumps(records[variant["name"]]) + "\n")
         del llm
     return records
+
+
+def merge_parts(job: dict[str, Any], name: str, version: str) -> dict[str, Any]:
+    """Join the pieces of variant ``name`` (jobs with ``part``, run side by side) into its ``<name>.json`` and
+    ``<name>.npz``, under the key of the whole variant, as one run would have written them. The pieces must cover
+    the prompts in order (an answer of None: not run) and one of them must hold the probe, or there are no answers
+    (``answers`` None) when no piece has any."""
+    import shutil
+
+    out = Path(job["out"])
+    variant = next(item for item in job["variants"] if item["name"] == name)
+    pieces = sorted(out.glob(f"{name}.part-*.json"),
+                    key=lambda path: tuple(int(x) for x in path.stem.split(".part-")[1].split("-")))
+    answers: list[Any] = []
+    covered = 0
+    for piece in pieces:
+        a, b = (int(x) for x in piece.stem.split(".part-")[1].split("-"))
+        if a != covered:
+            raise SystemExit(f"{name}: pieces do not cover prompts {covered}-{a}")
+        answers += json.loads(piece.read_text())["answers"]
+        covered = b
+    probe = [path for path in out.glob(f"{name}.part-*.npz")]
+    if not probe:
+        raise SystemExit(f"{name}: no piece holds the probe")
+    if covered not in (0, len(job["prompts"])):
+        raise SystemExit(f"{name}: the pieces answer {covered} of {len(job['prompts'])} prompts")
+    shutil.copyfile(probe[0], out / f"{name}.npz")
+    record = {"answers": answers if covered else None,
+              "seconds": sum(json.loads(piece.read_text())["seconds"] for piece in pieces),
+              "llama_cpp_python": version, "model": variant["model"], "lora": variant.get("lora"),
+              "key": variant_key(job, variant, version), "pieces": [piece.name for piece in pieces]}
+    (out / f"{name}.json").write_text(json.dumps(record) + "\n")
+    return record
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -131,3 +131,25 @@ def test_the_worker_reuses_a_variant_only_when_its_files_ids_and_settings_are_un
     worker.run_job({**job, "max_new_tokens": 2}, llama=StandIn)
     worker.run_job({**job, "reuse": False}, llama=StandIn)
     assert len(StandIn.made) == 4
+
+
+def test_pieces_of_a_variant_run_apart_join_into_what_one_run_writes(tmp_path):
+    model = tmp_path / "b.gguf"
+    model.write_bytes(b"weights")
+    job = {"variants": [{"name": "base", "model": str(model), "lora": None}], "prompts": [[0, 1], [2], [3]],
+           "probe": [[0, 1, 2]], "max_new_tokens": 64, "stop": [5], "n_ctx": 16, "threads": 1, "n_gpu_layers": 0,
+           "out": str(tmp_path / "whole")}
+    whole = worker.run_job(job, llama=StandIn)["base"]
+    pieces = {**job, "out": str(tmp_path / "pieces")}
+    for a, b, probe in ((2, 3, False), (0, 2, True)):
+        worker.run_job({**pieces, "part": {"prompts": [a, b], "probe": probe}}, llama=StandIn)
+    joined = worker.merge_parts(pieces, "base", "stand-in")
+    assert joined["answers"] == whole["answers"] and joined["key"] == whole["key"]
+    with np.load(tmp_path / "pieces" / "base.npz") as a, np.load(tmp_path / "whole" / "base.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+    probe_only = {**job, "out": str(tmp_path / "probe")}
+    worker.run_job({**probe_only, "part": {"prompts": [0, 0], "probe": True}}, llama=StandIn)
+    assert worker.merge_parts(probe_only, "base", "stand-in")["answers"] is None
+    worker.run_job({**probe_only, "part": {"prompts": [1, 2], "probe": False}}, llama=StandIn)
+    with pytest.raises(SystemExit):  # prompt 0 is missing
+        worker.merge_parts(probe_only, "base", "stand-in")
