@@ -25,8 +25,10 @@ from safetypatch.utils.io import atomic_write_json, ensure_output_folder, is_too
 
 T = TypeVar("T")
 STEPS = ("evaluate before", "train patch", "evaluate after", "report")
-STEP_MINUTES = {"evaluate before": 4, "train patch": 5, "evaluate after": 4, "report": 0}
-"""Minutes each step took on 2 CPU cores without bf16, the embedded model and the defaults (shown as the plan)."""
+STEP_MINUTES = {"evaluate before": 2, "train patch": 9, "evaluate after": 2, "report": 0}
+"""Minutes each step takes on 2 quiet CPU cores with AVX512-BF16, the embedded model and the defaults (shown as the
+plan; the training step from its measured time per step, docs/performance.md); training takes about twice as long
+on a CPU without bf16."""
 DEMO_N_HARMFUL = 40
 DEMO_HARMFUL = ["harmbench", "advbench", "xstest-unsafe", "contrast-harmful"]
 DEMO_BUDGET: dict[str, Any] = {"retain_count": 320}
