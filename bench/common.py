@@ -14,6 +14,7 @@ import os
 import platform
 import resource
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -116,3 +117,39 @@ def emit(result: dict[str, Any], args: argparse.Namespace, argv: list[str] | Non
 
 if __name__ == "__main__":
     print(json.dumps(machine(), indent=2, default=str))
+
+
+def venv_python(venv: Path) -> Path:
+    """The interpreter of the virtual environment ``venv`` (a tool a bench installs apart from safetypatch)."""
+    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def venv_version(venv: Path, code: str) -> str | None:
+    """What ``code`` prints in ``venv``'s interpreter (a tool's version), or None when ``venv`` has no interpreter
+    or the code fails there (the tool is missing or does not import)."""
+    python = venv_python(venv)
+    if not python.is_file():
+        return None
+    done = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def ensure_tool(venv: Path, requirement: str, commands: list[list[str]], version: Callable[[], str | None],
+                env: dict[str, str] | None = None) -> str:
+    """``requirement``'s version in ``venv``: the one ``version()`` finds there when it is the pinned one, else after
+    running ``commands`` (the first makes the environment and is skipped when it exists), printing each.
+
+    Raises:
+        SystemExit: the tool is still not found after the install.
+    """
+    wanted = requirement.split("==", 1)[1] if "==" in requirement else None
+    found = version()
+    if found is not None and (wanted is None or found == wanted):
+        return found
+    for command in commands[1 if venv_python(venv).is_file() else 0:]:
+        print("+", " ".join(command), file=sys.stderr, flush=True)
+        subprocess.run(command, check=True, env=env)
+    found = version()
+    if found is None:
+        raise SystemExit(f"{requirement} was installed into {venv} but does not import there; see the pip output.")
+    return found

@@ -55,6 +55,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import ensure_tool, venv_python, venv_version
+
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 """The PyPI package the check builds (pinned: its llama.cpp reads the adapter format export writes)."""
 IDENTICAL_BAR = 0.95
@@ -110,11 +112,6 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def venv_python(venv: Path) -> Path:
-    """The interpreter of the virtual environment ``venv``."""
-    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-
-
 def install_commands(venv: Path, requirement: str) -> list[list[str]]:
     """The commands that make ``venv`` and build ``requirement`` into it (from source: llama.cpp is compiled)."""
     python = str(venv_python(venv))
@@ -124,20 +121,13 @@ def install_commands(venv: Path, requirement: str) -> list[list[str]]:
 
 def installed_version(venv: Path) -> str | None:
     """llama-cpp-python's version in ``venv``, or None when it does not import there."""
-    python = venv_python(venv)
-    if not python.is_file():
-        return None
-    done = subprocess.run([str(python), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
-                          capture_output=True, text=True)
-    return done.stdout.strip() if done.returncode == 0 else None
+    return venv_version(venv, "import llama_cpp; print(llama_cpp.__version__)")
 
 
 def ensure_llama_cpp(venv: Path, requirement: str, cmake_args: str) -> str:
     """Build ``requirement`` into ``venv`` unless it is there already; returns the installed version."""
-    wanted = requirement.split("==", 1)[1] if "==" in requirement else None
-    version = installed_version(venv)
-    if version is not None and (wanted is None or version == wanted):
-        return version
+    env = {**os.environ, **({"CMAKE_ARGS": cmake_args} if cmake_args else {})}
+    return ensure_tool(venv, requirement, install_commands(venv, requirement), lambda: installed_version(venv), env)
     env = {**os.environ, **({"CMAKE_ARGS": cmake_args} if cmake_args else {})}
     for command in install_commands(venv, requirement)[1 if venv_python(venv).is_file() else 0:]:
         print("+", " ".join(command), file=sys.stderr, flush=True)

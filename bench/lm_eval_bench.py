@@ -50,6 +50,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench.common import ensure_tool, venv_python, venv_version
+
 LM_EVAL = "lm-eval==0.4.13"
 """The lm-eval the bench installs (0.4.9.1, which the log-likelihood check of docs/evaluation.md used, does not import
 under transformers 5)."""
@@ -100,11 +102,6 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
 # --- lm-eval's environment -------------------------------------------------------------------------------------
 
 
-def venv_python(venv: Path) -> Path:
-    """The interpreter of the virtual environment ``venv``."""
-    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-
-
 def pins() -> list[str]:
     """``name==version`` of :data:`PINNED` as installed here (a local version label such as ``+cpu`` dropped)."""
     return [f"{name}=={metadata.version(name).split('+', 1)[0]}" for name in PINNED]
@@ -121,33 +118,19 @@ def install_commands(venv: Path, requirement: str, constraints: Path, pinned: li
 
 
 def installed_version(venv: Path) -> str | None:
-    """lm-eval's version in ``venv``, or None when it does not import there (with its HF model) ."""
-    python = venv_python(venv)
-    if not python.is_file():
-        return None
-    done = subprocess.run([str(python), "-c", "from importlib.metadata import version; "
-                           "import lm_eval.models.huggingface; print(version('lm_eval'))"],
-                          capture_output=True, text=True)
-    return done.stdout.strip() if done.returncode == 0 else None
+    """lm-eval's version in ``venv``, or None when it does not import there (with its HF model)."""
+    return venv_version(venv, "from importlib.metadata import version; import lm_eval.models.huggingface; "
+                              "print(version('lm_eval'))")
 
 
 def ensure_lm_eval(venv: Path, requirement: str) -> str:
     """Install ``requirement`` into ``venv`` unless it is there already; returns the installed version."""
-    wanted = requirement.split("==", 1)[1] if "==" in requirement else None
-    version = installed_version(venv)
-    if version is not None and (wanted is None or version == wanted):
-        return version
     pinned = pins()
     constraints = venv.parent / f"{venv.name}-constraints.txt"
     constraints.parent.mkdir(parents=True, exist_ok=True)
     constraints.write_text("".join(f"{pin}\n" for pin in pinned))
-    for command in install_commands(venv, requirement, constraints, pinned)[1 if venv_python(venv).is_file() else 0:]:
-        print("+", " ".join(command), file=sys.stderr, flush=True)
-        subprocess.run(command, check=True)
-    version = installed_version(venv)
-    if version is None:
-        raise SystemExit(f"{requirement} was installed into {venv} but does not import there; see the pip output.")
-    return version
+    return ensure_tool(venv, requirement, install_commands(venv, requirement, constraints, pinned),
+                       lambda: installed_version(venv))
 
 
 # --- the rows, as safetypatch scores them, for lm-eval -----------------------------------------------------------

@@ -58,7 +58,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import GB, emit, in_fresh_process, parse, peak_rss_bytes
+from bench.common import GB, emit, ensure_tool, in_fresh_process, parse, peak_rss_bytes, venv_python, venv_version
 from bench.stream_bench import (
     checkpoint_arguments,
     drop_page_cache,
@@ -116,11 +116,6 @@ def arguments() -> Any:
 # ---- mergekit's environment -----------------------------------------------------------------------------------
 
 
-def venv_python(venv: Path) -> Path:
-    """The interpreter of the virtual environment ``venv``."""
-    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-
-
 def venv_tool(venv: Path, name: str) -> Path:
     """A console script of ``venv``."""
     return venv / ("Scripts" if os.name == "nt" else "bin") / name
@@ -144,33 +139,15 @@ def install_commands(venv: Path, requirement: str, torch_pin: str) -> list[list[
 
 def installed_version(venv: Path) -> str | None:
     """mergekit's version in ``venv``, or None when it is not installed there."""
-    python = venv_python(venv)
-    if not python.is_file():
-        return None
-    done = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
-                          capture_output=True, text=True)
-    return done.stdout.strip() if done.returncode == 0 else None
+    return venv_version(venv, "import importlib.metadata as m; print(m.version('mergekit'))")
 
 
 def ensure_mergekit(venv: Path, requirement: str, torch_pin: str) -> str:
     """Install ``requirement`` into ``venv`` (torch pinned to ``torch_pin``) unless it is there; its version."""
-    wanted = requirement.split("==", 1)[1] if "==" in requirement else None
-    version = installed_version(venv)
-    if version is not None and (wanted is None or version == wanted):
-        return version
-    commands = install_commands(venv, requirement, torch_pin)
-    if venv_python(venv).is_file():
-        commands = commands[1:]
-    else:
-        subprocess.run(commands.pop(0), check=True)
-    (venv / "constraints.txt").write_text(torch_pin + "\n")
-    for command in commands:
-        print("+", " ".join(command), file=sys.stderr, flush=True)
-        subprocess.run(command, check=True)
-    version = installed_version(venv)
-    if version is None:
-        raise SystemExit(f"{requirement} was installed into {venv} but is not found there; see the pip output.")
-    return version
+    venv.mkdir(parents=True, exist_ok=True)
+    (venv / "constraints.txt").write_text(torch_pin + "\n")  # pip reads it while installing (python -m venv keeps it)
+    return ensure_tool(venv, requirement, install_commands(venv, requirement, torch_pin),
+                       lambda: installed_version(venv))
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------
