@@ -53,7 +53,8 @@ def test_train_benchmark_runs_both_trainers_on_the_same_data(tiny_model_dirs, tm
     assert ours["final_loss"] == pytest.approx(stock["final_loss"], rel=1e-3)  # the same objective
     assert set(result["ratios"]) == {"peak_rss", "peak_rss_above_model", "peak_rss_above_baseline",
                                      "tokens_per_second"}
-    assert 0 < result["baseline"]["peak_rss_bytes"] < ours["peak_rss_bytes"]  # the fixed part alone
+    assert 0 < result["baseline"]["peak_rss_bytes"] <= ours["peak_rss_bytes"]  # the fixed part alone (a tiny
+    # model trains in the pages its load already touched, so the two peaks may be equal)
     setup = train_bench.Setup(model=str(tiny_model_dirs["llama"]), examples=8, batch_size=4, max_length=192,
                               threads=1, max_steps=1)
     train_bench.side_phase("stock_trl", setup, str(tmp_path / "profile.txt"))
