@@ -98,3 +98,15 @@ def test_multi_part_gguf_is_assembled_and_checked(tmp_path, isolated_home, monke
 def test_catalog_registry_rejects_duplicates():
     with pytest.raises(Exception, match="registered twice"):
         EMBEDDED_MODELS.register("gemma3-270m", EMBEDDED_MODELS.get("gemma3-270m"))
+
+
+def test_a_model_folder_without_a_tokenizer_is_refused_with_what_to_copy(tiny_model_dirs, tmp_path):
+    import shutil
+
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_model_dirs["llama"], folder)
+    for path in folder.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            path.unlink()
+    with pytest.raises(ModelError, match=r"no tokenizer transformers can load.*Copy the tokenizer files"):
+        load_model(str(folder))

@@ -96,8 +96,8 @@ def load_model(
             back to transformers' choice), or a transformers name: ``sdpa``, ``flash_attention_2``, ``eager``.
 
     Raises:
-        ModelError: the reference cannot be resolved, the folder is not a causal LM, or the architecture (or
-            this install) lacks an explicitly requested attention kernel.
+        ModelError: the reference cannot be resolved, the folder has no loadable tokenizer or is not a causal LM,
+            or the architecture (or this install) lacks an explicitly requested attention kernel.
     """
     import torch
     from transformers import AutoTokenizer
@@ -106,7 +106,13 @@ def load_model(
     fingerprint = fingerprint_folder(resolved.path, resolved.revision)
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
-    tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    except (OSError, ValueError) as err:
+        reason = " ".join(str(err).split())
+        raise ModelError(f"{resolved.path} has no tokenizer transformers can load ({reason}). Copy "
+                         "the tokenizer files of the model it was made from (tokenizer.json, tokenizer_config.json, "
+                         "special_tokens_map.json) into it.") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = _from_pretrained(resolved, getattr(torch, dtype), attn_implementation,
