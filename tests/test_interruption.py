@@ -252,9 +252,10 @@ def test_an_interrupt_that_a_library_turns_into_another_error_is_reported_as_an_
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell starts background jobs ignoring it
     try:
         done = CliRunner().invoke(app, ["extract", "--target", "t", "--reference", "r", "-o", str(output)])
+        after = signal.getsignal(signal.SIGINT)
     finally:
         signal.signal(signal.SIGINT, previous)
     assert done.exit_code == 130, done.output
     assert done.output.splitlines()[-1] == f"interrupted: nothing was written at {output}. Run the command again to " \
                                            "redo it.", done.output
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the guard put Python's handler back
+    assert after is signal.default_int_handler  # the guard put Python's handler back
