@@ -16,7 +16,8 @@ import resource
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,33 @@ GB = 10**9
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+    return _rss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def _rss_bytes(maxrss: int) -> int:
+    return maxrss if sys.platform == "darwin" else maxrss * 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+
+
+def run_measured(command: Sequence[Any], log: Path, *, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> dict[str, Any]:
+    """Run ``command`` in a fresh process, its output appended to ``log``; its wall time, the peak RSS of it and its
+    children (``wait4``), and the load average before and after. Raises ``RuntimeError`` with the end of ``log``
+    when it fails."""
+    load_before = os.getloadavg()
+    with log.open("ab") as out:
+        out.write(("\n$ " + " ".join(map(str, command)) + "\n").encode())
+        out.flush()
+        start = time.perf_counter()
+        process = subprocess.Popen([str(c) for c in command], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{command[0]} exited with {code}; the end of {log}:\n{tail}")
+    return {"seconds": round(seconds, 3), "peak_rss_bytes": _rss_bytes(usage.ru_maxrss),
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()]}
 
 
 def in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:

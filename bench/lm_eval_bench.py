@@ -43,14 +43,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench.common import ensure_tool, venv_python, venv_version
+from bench.common import ensure_tool, run_measured, venv_python, venv_version
 
 LM_EVAL = "lm-eval==0.4.13"
 """The lm-eval the bench installs (0.4.9.1, which the log-likelihood check of docs/evaluation.md used, does not import
@@ -218,19 +217,11 @@ def lm_eval_command(venv: Path, folder: Path, task: str, tasks_dir: Path, batch_
 
 
 def run_process(command: list[str], env: dict[str, str], log: Path) -> dict[str, Any]:
-    """Run ``command`` (output to ``log``); its wall seconds, peak RSS and the load average when it started."""
-    load = os.getloadavg()
-    start = time.perf_counter()
-    with log.open("w") as sink:
-        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        tail = log.read_text(errors="replace")[-3000:]
-        raise SystemExit(f"{' '.join(command)} failed ({code}); end of {log}:\n{tail}")
-    return {"wall_seconds": round(wall, 2), "peak_rss_bytes": usage.ru_maxrss * 1024,
-            "load_average_at_start": [round(x, 2) for x in load]}
+    """Run ``command`` (output to ``log``, :func:`bench.common.run_measured`); its wall seconds, peak RSS and the
+    load average when it started."""
+    ran = run_measured(command, log, env=env)
+    return {"wall_seconds": round(ran["seconds"], 2), "peak_rss_bytes": ran["peak_rss_bytes"],
+            "load_average_at_start": ran["load_average_before"]}
 
 
 def _one(folder: Path, pattern: str) -> Path:

@@ -50,7 +50,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 import zlib
@@ -58,7 +57,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import GB, emit, ensure_tool, in_fresh_process, parse, peak_rss_bytes, venv_python, venv_version
+from bench.common import (
+    GB,
+    emit,
+    ensure_tool,
+    in_fresh_process,
+    parse,
+    peak_rss_bytes,
+    run_measured,
+    venv_python,
+    venv_version,
+)
 from bench.stream_bench import (
     checkpoint_arguments,
     drop_page_cache,
@@ -248,27 +257,6 @@ def ensure_extract_pair(root: Path, size_gb: float, dtype: str, shard_gb: float)
 
 
 # ---- measuring a command -------------------------------------------------------------------------------------
-
-
-def run_measured(command: Sequence[str], log: Path, cwd: Path | None = None) -> dict[str, Any]:
-    """Run ``command`` in a fresh process, output appended to ``log``; its wall time, its peak RSS and its
-    children's (``wait4``), and the load average before and after. Raises when it fails."""
-    load_before = os.getloadavg()
-    with log.open("ab") as out:
-        out.write(("\n$ " + " ".join(map(str, command)) + "\n").encode())
-        out.flush()
-        start = time.perf_counter()
-        process = subprocess.Popen([str(c) for c in command], stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
-        _, status, usage = os.wait4(process.pid, 0)
-        seconds = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        tail = log.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{command[0]} exited with {process.returncode}; the end of {log}:\n{tail}")
-    peak = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
-    return {"seconds": round(seconds, 3), "peak_rss_bytes": peak,
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()]}
 
 
 def _files(folders: Sequence[Path]) -> list[Path]:
