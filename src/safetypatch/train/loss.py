@@ -222,12 +222,13 @@ def completion_loss(
     distilled = distill is not None and bool(distill.any())
     if distilled and (wrapped or teacher_logits is None):
         raise ValueError("completion_loss: distill needs teacher_logits and an unwrapped model")
+    first = _first_rows(mask, unlikely) if penalise else None  # the unlikelihood rows among the supervised ones
     nll = first_logits = None  # first_logits: the logits at the unlikelihood rows, where only those are formed
     if wrapped and not penalise:
         nll = -model(**inputs, labels=labels, fused_lm_head=True).log_probs[mask].float()
     elif not wrapped and not distilled and fast_path_supported(model):
         hidden, head, cap = supervised_states(model, inputs, mask)
-        keep = _first_rows(mask, unlikely).nonzero()[:, 0] if penalise else mask.new_zeros(0, dtype=torch.long)
+        keep = first.nonzero()[:, 0] if first is not None else mask.new_zeros(0, dtype=torch.long)
         chunked = _chunked_nll(hidden, head, cap, shifted[mask], keep)
         if chunked is None:
             logits = _head_logits(hidden, head, cap)
@@ -251,8 +252,7 @@ def completion_loss(
     if lead_tokens > 0 and lead_weight != 1.0:
         lead = mask.cumsum(dim=1)[mask] <= lead_tokens
         nll = torch.where(lead, nll * lead_weight, nll)
-    if penalise:
-        first = _first_rows(mask, unlikely)
+    if first is not None:
         log_p = torch.log_softmax((logits[first] if first_logits is None else first_logits).float(), dim=-1)
         p_open = log_p[:, list(openings)].logsumexp(dim=-1).exp().clamp(max=1 - 1e-6)
         nll = nll.index_add(0, first.nonzero()[:, 0], -unlikelihood_weight * torch.log1p(-p_open))
