@@ -25,10 +25,10 @@ from safetypatch.utils.io import atomic_write_json, ensure_output_folder, is_too
 
 T = TypeVar("T")
 STEPS = ("evaluate before", "train patch", "evaluate after", "report")
-STEP_MINUTES = {"evaluate before": 2, "train patch": 9, "evaluate after": 2, "report": 0}
-"""Minutes each step takes on 2 quiet CPU cores with AVX512-BF16, the embedded model and the defaults (shown as the
-plan; the training step from its measured time per step, docs/performance.md); training takes about twice as long
-on a CPU without bf16."""
+STEP_MINUTES = {"evaluate before": 2, "train patch": 10, "evaluate after": 2, "report": 0}
+"""Minutes each step took from a fresh clone on 2 quiet CPU cores with AVX512-BF16, the embedded model and the
+defaults (1.8, 10.0, 1.7; shown as the plan; docs/performance.md); training takes about twice as long on a CPU
+without bf16."""
 DEMO_N_HARMFUL = 40
 DEMO_HARMFUL = ["harmbench", "advbench", "xstest-unsafe", "contrast-harmful"]
 DEMO_BUDGET: dict[str, Any] = {"retain_count": 320}
